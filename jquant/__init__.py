@@ -1,0 +1,24 @@
+"""jquant: quantized transformers in JAX, pure functions over Flax parameter trees.
+
+Example:
+    >>> import jax, jquant
+    >>> w = jax.random.normal(jax.random.key(0), (512, 256))
+    >>> q = jquant.quantize(w, jquant.QuantSpec(bits=4, granularity="group", group_size=128))
+    >>> q.nbytes, w.nbytes                      # half a byte per weight + scales
+    (69632, 524288)
+"""
+
+from jquant.spec import QuantSpec, Rule
+from jquant.qarray import (QArray, quantize, dequantize, fake_quant, quantize_values, compute_scale_zero,
+                           expand_to_groups)
+from jquant.tree import quantize_params, dequantize_params, footprint, Footprint, is_qarray
+from jquant.checkpoint import save, load
+from jquant import packing, ops, utils
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
+    "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
+    "Footprint", "is_qarray", "save", "load", "packing", "ops", "utils",
+]

@@ -1,0 +1,193 @@
+"""Quantizing whole parameter trees: `quantize_params`, `dequantize_params`, `footprint`.
+
+Works on any pytree of arrays: Flax Linen parameter dicts, NNX ``nnx.State``
+(paths skip the variables' ``.value`` step), plain nested dicts and lists.
+
+Example:
+    >>> import jax, jquant
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (256, 128)),
+    ...                     "bias": jax.numpy.zeros(128)}}
+    >>> rules = [jquant.Rule(r"kernel$", jquant.QuantSpec(bits=4, granularity="group", group_size=128))]
+    >>> qparams = jquant.quantize_params(params, rules)
+    >>> print(jquant.footprint(qparams))          # bytes and bits per weight, per leaf
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jquant.qarray import QArray, dequantize, quantize
+from jquant.spec import Rule, first_match
+from jquant.utils import path_str
+
+
+def is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def _is_float_array(x) -> bool:
+  return hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _place_like(arr, sharding):
+  """Puts ``arr`` on ``sharding``'s mesh, keeping each named axis whose size divides."""
+  if not isinstance(sharding, NamedSharding) or isinstance(arr, jax.core.Tracer):
+    return arr
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (arr.ndim - len(sharding.spec))
+  kept = []
+  for dim, names in zip(arr.shape, spec):
+    size = 1
+    for n in (names if isinstance(names, tuple) else (names,)):
+      size *= mesh.shape[n] if n is not None else 1
+    kept.append(names if names is not None and dim % size == 0 else None)
+  return jax.device_put(arr, NamedSharding(mesh, PartitionSpec(*kept)))
+
+
+def shard_like(q: QArray, sharding) -> QArray:
+  """Lays out a QArray's payload, scales and zero points like a float weight's sharding."""
+  return jax.tree_util.tree_map(lambda a: _place_like(a, sharding), q)
+
+
+def quantize_params(params, rules: Sequence[Rule], *, key=None):
+  """Quantizes the leaves that ``rules`` select; everything else is untouched.
+
+  Args:
+    params: A pytree of arrays (Linen params, ``nnx.State``, nested dicts).
+    rules: `jquant.Rule` list; for each float leaf, the first rule whose
+      pattern ``re.search``-es its ``/``-joined path decides (spec None: keep
+      float). Leaves no rule matches stay float.
+    key: PRNG key, needed only by specs with stochastic rounding.
+
+  Returns:
+    The same tree with the selected leaves replaced by `QArray` s, laid out on
+    the same mesh axes as the float leaves they came from.
+
+  Warns:
+    UserWarning if no leaf is quantized, listing the paths nearest to the
+    patterns.
+  """
+  rules = list(rules)
+  for r in rules:
+    if not isinstance(r, Rule):
+      raise TypeError(f"quantize_params: rules must be jquant.Rule objects, got {type(r).__name__}.")
+  seen_paths, quantized = [], [0]
+
+  def visit(keypath, leaf):
+    if is_qarray(leaf) or not _is_float_array(leaf):
+      return leaf
+    path = path_str(keypath)
+    seen_paths.append(path)
+    matched, spec = first_match(rules, path)
+    if not matched or spec is None:
+      return leaf
+    try:
+      k = None if key is None else jax.random.fold_in(key, len(seen_paths))
+      q = quantize(leaf, spec, key=k)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"quantize_params: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
+    quantized[0] += 1
+    return shard_like(q, getattr(leaf, "sharding", None))
+
+  out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  if rules and quantized[0] == 0 and any(r.spec is not None for r in rules):
+    near = sorted({p for r in rules for p in difflib.get_close_matches(r.pattern, seen_paths, n=3, cutoff=0.0)})
+    warnings.warn(
+        f"quantize_params: rules {[r.pattern for r in rules]} quantized no leaf. "
+        f"Nearby paths: {near[:8]}. Patterns are re.search-ed on '/'-joined paths.", stacklevel=2)
+  return out
+
+
+def dequantize_params(tree):
+  """Replaces every `QArray` in ``tree`` by its dequantized float array."""
+  return jax.tree_util.tree_map(lambda x: dequantize(x) if is_qarray(x) else x, tree, is_leaf=is_qarray)
+
+
+class LeafFootprint(NamedTuple):
+  path: str
+  shape: tuple
+  kind: str
+  nbytes: int
+  numel: int
+  float_nbytes: int
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.nbytes / max(self.numel, 1)
+
+
+class Footprint(NamedTuple):
+  """Memory of a tree: one `LeafFootprint` per leaf, and totals."""
+
+  leaves: tuple
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(l.nbytes for l in self.leaves)
+
+  @property
+  def float_bytes(self) -> int:
+    return sum(l.float_nbytes for l in self.leaves)
+
+  @property
+  def numel(self) -> int:
+    return sum(l.numel for l in self.leaves)
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Bits per element over the whole tree (float leaves included)."""
+    return 8.0 * self.total_bytes / max(self.numel, 1)
+
+  @property
+  def quantized_bits_per_weight(self) -> float:
+    """Bits per element over the quantized leaves only."""
+    q = [l for l in self.leaves if l.kind.startswith("int")]
+    return 8.0 * sum(l.nbytes for l in q) / max(sum(l.numel for l in q), 1)
+
+  def table(self, max_rows: int = 40) -> str:
+    head = f"{'path':<44} {'shape':<16} {'kind':<22} {'bytes':>12} {'bits/w':>7}"
+    lines = [head, "-" * len(head)]
+    for l in self.leaves[:max_rows]:
+      lines.append(f"{l.path[-44:]:<44} {str(l.shape):<16} {l.kind:<22} {l.nbytes:>12,} {l.bits_per_weight:>7.3f}")
+    if len(self.leaves) > max_rows:
+      lines.append(f"... {len(self.leaves) - max_rows} more leaves")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<44} {'':<16} {f'{self.numel:,} elements':<22} {self.total_bytes:>12,} "
+                 f"{self.bits_per_weight:>7.3f}")
+    lines.append(f"float size {self.float_bytes:,} bytes; compression {self.float_bytes / max(self.total_bytes, 1):.2f}x")
+    return "\n".join(lines)
+
+  def __str__(self):
+    return self.table()
+
+
+def _kind(q: QArray) -> str:
+  s = q.spec
+  gran = {"tensor": "tensor", "channel": "channel", "group": f"g{s.group_size}"}[s.granularity]
+  return f"int{s.bits} {gran} {'sym' if s.symmetric else 'asym'}"
+
+
+def footprint(tree) -> Footprint:
+  """Bytes and bits per weight of every leaf and in total.
+
+  Example:
+    >>> fp = jquant.footprint(qparams); fp.total_bytes, fp.bits_per_weight
+  """
+  rows = []
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)[0]:
+    path = path_str(keypath)
+    if is_qarray(leaf):
+      numel = int(np.prod(leaf.shape))
+      rows.append(LeafFootprint(path, leaf.shape, _kind(leaf), leaf.nbytes, numel,
+                                numel * np.dtype(leaf.dtype).itemsize))
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      numel = int(np.prod(leaf.shape))
+      nbytes = numel * np.dtype(leaf.dtype).itemsize
+      rows.append(LeafFootprint(path, tuple(leaf.shape), np.dtype(leaf.dtype).name, nbytes, numel, nbytes))
+  return Footprint(tuple(rows))

@@ -1,0 +1,31 @@
+"""Small helpers shared across jquant."""
+
+from __future__ import annotations
+
+import jax
+
+# NNX variables flatten through a `.value` attribute; that step names nothing.
+_SKIP_ATTRS = ("value", "raw_value")
+
+
+def path_str(keypath) -> str:
+  """Joins a JAX key path into the ``a/b/c`` form that `jquant.Rule` matches.
+
+  Example:
+    >>> path_str(jax.tree_util.tree_flatten_with_path({"a": {"b": 1}})[0][0][0])
+    'a/b'
+  """
+  parts = []
+  for k in keypath:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name not in _SKIP_ATTRS:
+        parts.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)

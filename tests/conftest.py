@@ -1,0 +1,21 @@
+"""Test set-up: eight CPU devices for mesh tests, set before JAX starts."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_ENABLE_X64", "0")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def cpu_mesh():
+  """A 1-D mesh over the eight forced CPU devices."""
+  devices = jax.devices("cpu")
+  assert len(devices) >= 8, "tests/conftest.py must set XLA_FLAGS before jax is imported"
+  return jax.sharding.Mesh(devices[:8], ("data",))
