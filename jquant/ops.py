@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -76,8 +77,14 @@ class W8A8Weight(NamedTuple):
     else:
       xs = jnp.asarray(self.act_scale, jnp.float32)
       xq = quantize_activations_static(x, xs)
-    acc = int8_matmul(xq, w.qvalue)
-    return (acc.astype(jnp.float32) * xs * w.scale.astype(jnp.float32).reshape(-1)).astype(x.dtype)
+    def xla_w8a8(xq2, xs2, wq, ws):
+      acc = int8_matmul(xq2, wq)
+      return (acc.astype(jnp.float32) * xs2 * ws.astype(jnp.float32).reshape(-1)).astype(x.dtype)
+
+    if not kernels_enabled():
+      return xla_w8a8(xq, xs, w.qvalue, w.scale)
+    from pallas_kernels import w8a8  # Pallas on TPU/CUDA (chosen at lowering), this XLA code elsewhere.
+    return w8a8.w8a8_matmul(xq, xs, w.qvalue, w.scale, out_dtype=x.dtype, fallback=xla_w8a8)
 
 
 def _xla_weight_only(x, w: QArray):
@@ -85,6 +92,38 @@ def _xla_weight_only(x, w: QArray):
     raise ValueError(f"qdot: a QArray weight must be 2-D (K, N) contracting axis 0; got shape {w.shape}, "
                      f"axis {w.axis}.")
   return jnp.dot(x, dequantize(w, x.dtype))
+
+
+# Kernel dispatch. Read at trace time and part of the jit cache key, so a
+# function traced under `force_xla()` is retraced outside it.
+_FORCE_XLA = jax.make_user_context(default_value=False)
+
+
+@contextlib.contextmanager
+def force_xla(enabled: bool = True):
+  """Within this context `qdot` uses plain XLA even where a Pallas kernel applies.
+
+  Example:
+      >>> with jquant.ops.force_xla():
+      ...   y_xla = jax.jit(jquant.ops.qdot)(x, q)
+  """
+  with _FORCE_XLA(bool(enabled)):
+    yield
+
+
+def kernels_enabled() -> bool:
+  """False inside `force_xla()`; then `qdot` never emits Pallas kernels."""
+  return not _FORCE_XLA.value
+
+
+def _weight_only(x, w: QArray):
+  """Packed weights: the Pallas kernel on TPU/CUDA where it reads the layout, XLA elsewhere."""
+  if not kernels_enabled():
+    return _xla_weight_only(x, w)
+  from pallas_kernels import w4a16  # late: keeps `import jquant` light and free of cycles
+  if not w4a16.supports(w):
+    return _xla_weight_only(x, w)
+  return w4a16.qarray_matmul(x, w, out_dtype=x.dtype, fallback=lambda x2: _xla_weight_only(x2, w))
 
 
 def qdot(x, w):
@@ -101,5 +140,5 @@ def qdot(x, w):
   if qdot_method is not None:
     return qdot_method(w, x)
   if isinstance(w, QArray):
-    return _xla_weight_only(x, w)
+    return _weight_only(x, w)
   return jnp.dot(x, w.astype(x.dtype) if hasattr(w, "astype") else w)

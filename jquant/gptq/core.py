@@ -1,0 +1,509 @@
+"""GPTQ on one matrix: the second-order solver, and Hessian accumulation.
+
+GPTQ (Frantar et al., 2022) quantizes a linear layer ``y = x @ W`` one input
+row of ``W`` at a time and, after each row, moves the rounding error onto the
+rows not yet quantized so that the layer's output on calibration data changes
+as little as possible. With ``H = 2/N sum x x^T`` over calibration inputs and
+``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), quantizing row
+``j`` to ``q`` and setting ``e = (w_j - q) / U[j, j]`` updates every later row
+``k`` by ``-U[j, k] e``. Updates are applied lazily in blocks of
+``block_size`` rows (and sub-blocks of 16 inside them), so that most of the
+work is matrix products.
+
+Layout: a Flax ``Dense`` kernel is ``(in, out)``, the Hessian is ``(in, in)``
+and rows along ``in`` (the contraction axis, ``spec.axis`` 0) are quantized;
+output columns are independent given ``H``, which is what `solve` shards.
+
+Group parameters (scale, zero point) come from `jquant.compute_scale_zero`, the
+same function that round-to-nearest (RTN) uses, applied to the group's current
+(error-updated) weights at the moment its first row is quantized; with
+``static_groups=True`` they come from the original weights instead. Groups are
+always contiguous along ``in``, so a `QArray` needs no index permutation at
+inference, with or without ``act_order`` (see `solve`).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jquant
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> x = jax.random.normal(k1, (2048, 256))
+    >>> w = jax.random.normal(k2, (256, 128)) / 16
+    >>> h = jquant.gptq.hessian(x)                   # 2/N x^T x
+    >>> spec = jquant.QuantSpec(bits=4, granularity="group", group_size=64)
+    >>> q, loss = jquant.gptq.solve(w, h, spec)
+    >>> float(loss) <= float(jquant.gptq.quant_loss(w, jquant.quantize(w, spec), h))
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jquant.qarray import QArray, compute_scale_zero, dequantize, quantize_values
+from jquant.spec import QuantSpec
+
+_HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
+_SUB_BLOCK = 16  # rows per inner sub-block: rank-1 updates stay in cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessians
+# ----------------------------------------------------------------------------------------------
+
+
+class HessianState(NamedTuple):
+  """A running ``sum x x^T`` (float32) and the number of rows it holds."""
+
+  xtx: jax.Array
+  count: jax.Array
+
+
+def hessian_init(size: int) -> HessianState:
+  """An empty accumulator for inputs with ``size`` features."""
+  return HessianState(jnp.zeros((size, size), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def hessian_update(state: HessianState, x, weights=None) -> HessianState:
+  """Adds the rows of ``x`` (..., K) to ``state`` (pure; jit it with the caller).
+
+  Args:
+    state: The accumulator.
+    x: Layer inputs; all leading axes are rows (batch, positions).
+    weights: Optional 0/1 (or real) weight per row, shaped ``x.shape[:-1]``:
+      e.g. a mask that leaves out attention-sink positions.
+  """
+  x = jnp.asarray(x, jnp.float32).reshape(-1, state.xtx.shape[0])
+  if weights is None:
+    n = jnp.float32(x.shape[0])
+    xw = x
+  else:
+    w = jnp.asarray(weights, jnp.float32).reshape(-1)
+    n = jnp.sum(w)
+    xw = x * w[:, None]
+  xtx = state.xtx + jnp.matmul(xw.T, x, precision=_HI)
+  return HessianState(xtx, state.count + n)
+
+
+def hessian_finalize(state: HessianState) -> jax.Array:
+  """``H = 2/N sum x x^T`` (all zeros if no row was added)."""
+  return state.xtx * (2.0 / jnp.maximum(state.count, 1.0))
+
+
+def hessian(x, weights=None) -> jax.Array:
+  """``2/N sum x x^T`` of the rows of ``x`` (..., K) in one go."""
+  x = jnp.asarray(x)
+  return hessian_finalize(hessian_update(hessian_init(x.shape[-1]), x, weights))
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver
+# ----------------------------------------------------------------------------------------------
+
+
+class Solution(NamedTuple):
+  """What `solve_codes` returns (arrays; nothing packed yet).
+
+  Attributes:
+    codes: int32 codes, shape of ``w``, in [spec.qmin, spec.qmax].
+    scale: float32 scales, ``w``'s shape with axis 0 replaced by the group
+      count (``(1, 1)`` for per-tensor), already rounded to
+      ``spec.scale_dtype``.
+    zero_point: float32 integer zero points like ``scale``, or None.
+    loss: ``sum over outputs of (w - q)^T H (w - q) / 2`` with the given H.
+    damp: The relative dampening that worked (``damp * growth^tries``).
+    ok: False if every dampening tried left the factorization non-finite.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero_point: Optional[jax.Array]
+  loss: jax.Array
+  damp: jax.Array
+  ok: jax.Array
+
+
+def quant_loss(w, q, hessian) -> jax.Array:
+  """``sum_j (w - q)[:, j]^T H (w - q)[:, j] / 2`` for a kernel (K, ...) and its quantized ``q``.
+
+  ``q`` is a `QArray` or a float array. With ``H = 2/N sum x x^T`` this is the
+  mean over calibration rows of ``||x (w - q)||^2``.
+  """
+  deq = dequantize(q, jnp.float32) if isinstance(q, QArray) else jnp.asarray(q, jnp.float32)
+  w = jnp.asarray(w, jnp.float32)
+  return _loss(w.reshape(w.shape[0], -1), deq.reshape(w.shape[0], -1), jnp.asarray(hessian, jnp.float32))
+
+
+def _loss(w2, q2, h):
+  e = w2 - q2
+  return 0.5 * jnp.sum(e * jnp.matmul(h, e, precision=_HI))
+
+
+def _upper_factor_of_inverse(a):
+  """Upper-triangular U with ``a^-1 = U^T U`` (NaN if ``a`` is not positive definite).
+
+  With J the row reversal, ``J a J = L L^T`` gives ``a = R R^T`` for the upper
+  ``R = J L J``, so ``a^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky and one
+  triangular inverse, no explicit inverse of ``a``.
+  """
+  lower = jnp.linalg.cholesky(a[::-1, ::-1])
+  r = lower[::-1, ::-1]
+  eye = jnp.eye(a.shape[0], dtype=a.dtype)
+  return lax.linalg.triangular_solve(r, eye, left_side=True, lower=False)
+
+
+def _damped_factor(hp, damp, damp_tries: int, damp_growth: float):
+  """Factor of ``(hp + d mean(diag) I)^-1`` for the first d in damp * growth^t that works."""
+  mean_diag = jnp.mean(jnp.diagonal(hp))
+  eye = jnp.eye(hp.shape[0], dtype=hp.dtype)
+
+  def attempt(t):
+    d = damp * damp_growth ** t.astype(jnp.float32)
+    u = _upper_factor_of_inverse(hp + (d * mean_diag) * eye)
+    return u, jnp.all(jnp.isfinite(u)), d
+
+  u0, ok0, d0 = attempt(jnp.int32(0))
+
+  def cond(c):
+    t, _, ok, _ = c
+    return jnp.logical_and(~ok, t + 1 < damp_tries)
+
+  def body(c):
+    t, _, _, _ = c
+    u, ok, d = attempt(t + 1)
+    return t + 1, u, ok, d
+
+  _, u, ok, d = lax.while_loop(cond, body, (jnp.int32(0), u0, ok0, d0))
+  return u, ok, d
+
+
+class _Layout(NamedTuple):
+  """Static sizes of one solve."""
+
+  k: int  # rows (contraction size)
+  k_pad: int  # rows padded to whole blocks
+  block: int
+  sub: int
+  group: int  # rows per group (k for channel / tensor granularity)
+  n_groups: int
+
+
+def _layout(k: int, spec: QuantSpec, block_size: int) -> _Layout:
+  block = min(block_size, k)
+  sub = max(d for d in range(1, min(_SUB_BLOCK, block) + 1) if block % d == 0)
+  k_pad = -(-k // block) * block
+  if spec.granularity == "group":
+    n_groups = spec.num_groups(k)  # raises unless group_size divides k or pad_groups
+    group = spec.group_size
+  else:
+    n_groups, group = 1, k
+  return _Layout(k, k_pad, block, sub, group, n_groups)
+
+
+def _channel_spec(spec: QuantSpec) -> QuantSpec:
+  """The spec of one group seen alone: one range per output column over axis 0."""
+  return spec.replace(granularity="channel", group_size=None, pad_groups=False, axis=0)
+
+
+def _round_scale(scale, spec):
+  return scale.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+
+
+def _group_params(vals, spec):
+  """(1, N) scale and zero point of one group's rows ``vals`` (L, N), as RTN computes them."""
+  s, z = compute_scale_zero(vals, _channel_spec(spec))
+  return _round_scale(s, spec), z
+
+
+def _static_params(w, spec, lay: _Layout):
+  """Parameters of every group from ``w`` (K, N) as RTN computes them, as (G, N)."""
+  s, z = compute_scale_zero(w, spec.replace(axis=0))
+  n = w.shape[1]
+  s = jnp.broadcast_to(_round_scale(s, spec), (lay.n_groups, n))
+  z = None if z is None else jnp.broadcast_to(z, (lay.n_groups, n))
+  return s, z
+
+
+def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic: bool):
+  """The GPTQ sweep over the rows of ``w`` in processing order.
+
+  Args:
+    w: (k_pad, N) weights, rows permuted into processing order, zero padding.
+    u: (k_pad, k_pad) upper factor of the permuted, damped inverse Hessian
+      (identity on the padding).
+    perm: (k,) original row of each processing position.
+    scale0, zero0: (G + 1, N) group parameters (row G: the padding's dummy
+      group, scale 1 / zero 0); filled in during the sweep when ``dynamic``.
+    spec: The quantization spec.
+    lay: Static sizes.
+    dynamic: Compute each group's parameters when its first row is reached.
+
+  Returns:
+    (k_pad, N) int32 codes in processing order, and the final (scale, zero).
+  """
+  k, k_pad, blk, sub, gsz, n_groups = lay
+  n = w.shape[1]
+  chan = _channel_spec(spec)
+  sym = zero0 is None
+  orig = jnp.concatenate([perm, jnp.arange(k, k_pad, dtype=perm.dtype)])
+  gidx = jnp.where(orig < k, orig // gsz, n_groups)
+  invperm = jnp.argsort(perm)
+  zero0 = jnp.zeros_like(scale0) if sym else zero0
+  visited0 = jnp.arange(n_groups + 1) >= (n_groups if dynamic else 0)
+
+  def block_body(bi, carry):
+    w_all, codes, scale, zero, visited = carry
+    i1 = bi * blk
+    w1 = lax.dynamic_slice_in_dim(w_all, i1, blk, 0)
+    u_rows = lax.dynamic_slice_in_dim(u, i1, blk, 0)  # (blk, k_pad)
+    u1 = lax.dynamic_slice_in_dim(u_rows, i1, blk, 1)  # (blk, blk)
+
+    def sub_body(si, c):
+      w1, err1, codes1, scale, zero, visited = c
+      j1 = si * sub
+      w2 = lax.dynamic_slice_in_dim(w1, j1, sub, 0)
+      u_sub_rows = lax.dynamic_slice_in_dim(u_rows, i1 + j1, sub, 0)  # (sub, k_pad)
+      u2 = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(u1, j1, sub, 0), j1, sub, 1)
+
+      def current_rows(pos, err2):
+        # Present value of rows ``pos`` (none quantized yet): stored value minus
+        # the lazy updates still pending at block and sub-block level.
+        in_blk = (pos >= i1) & (pos < i1 + blk)
+        beyond = w_all[pos] - jnp.matmul(u_rows[:, pos].T, err1, precision=_HI)
+        base = jnp.where(in_blk[:, None], w1[jnp.clip(pos - i1, 0, blk - 1)], beyond)
+        return base - jnp.matmul(u_sub_rows[:, pos].T, err2, precision=_HI)
+
+      def col_body(i, c2):
+        w2, err2, codes2, scale, zero, visited = c2
+        g = gidx[i1 + j1 + i]
+        if dynamic:
+          def init(args):
+            scale, zero, visited = args
+            # Rows of group g in original order; a short last group repeats its
+            # last row, exactly as compute_scale_zero pads it.
+            rows = jnp.minimum(g * gsz + jnp.arange(gsz), k - 1)
+            s, z = _group_params(current_rows(invperm[rows], err2), spec)
+            zero = zero if sym else zero.at[g].set(z[0])
+            return scale.at[g].set(s[0]), zero, visited.at[g].set(True)
+
+          scale, zero, visited = lax.cond(visited[g], lambda a: a, init, (scale, zero, visited))
+        x = w2[i]
+        s, z = scale[g][None], None if sym else zero[g][None]
+        c, _, _ = quantize_values(x[None], chan, scale=s, zero_point=z)
+        cf = c[0].astype(jnp.float32)
+        q = cf * s[0] if sym else (cf - z[0]) * s[0]
+        e = (x - q) / u2[i, i]
+        w2 = w2 - u2[i][:, None] * e[None, :]  # u2 is upper: earlier rows untouched
+        return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited
+
+      init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32), scale, zero, visited)
+      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2)
+      w1 = w1 - jnp.matmul(lax.dynamic_slice_in_dim(u1, j1, sub, 0).T, err2, precision=_HI)
+      err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, 0)
+      codes1 = lax.dynamic_update_slice_in_dim(codes1, codes2, j1, 0)
+      return w1, err1, codes1, scale, zero, visited
+
+    init1 = (w1, jnp.zeros((blk, n), jnp.float32), jnp.zeros((blk, n), jnp.int32), scale, zero, visited)
+    _, err1, codes1, scale, zero, visited = lax.fori_loop(0, blk // sub, sub_body, init1)
+    # Lazy batch update of all later rows (earlier rows of u_rows are zero).
+    w_all = w_all - jnp.matmul(u_rows.T, err1, precision=_HI)
+    codes = lax.dynamic_update_slice_in_dim(codes, codes1, i1, 0)
+    return w_all, codes, scale, zero, visited
+
+  init = (w, jnp.zeros((k_pad, n), jnp.int32), scale0, zero0, visited0)
+  _, codes, scale, zero, _ = lax.fori_loop(0, k_pad // blk, block_body, init)
+  return codes, scale, (None if sym else zero)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
+                                             "damp_tries", "damp_growth", "mesh", "axis_names"))
+def _solve_jit(w, h, damp, *, spec, block_size, act_order, static_groups, damp_tries, damp_growth,
+               mesh, axis_names):
+  k = w.shape[0]
+  rest = w.shape[1:]
+  w0 = w.reshape(k, -1).astype(jnp.float32)
+  h0 = h.astype(jnp.float32)
+  n = w0.shape[1]
+  lay = _layout(k, spec, block_size)
+
+  # Dead inputs (never active in calibration): H[i, i] = 1 and the row zeroed,
+  # as in the paper's reference; they then neither get nor give updates.
+  dead = jnp.diagonal(h0) == 0
+  hf = h0 + jnp.diag(dead.astype(jnp.float32))
+  wf = jnp.where(dead[:, None], 0.0, w0)
+
+  if act_order:  # largest diag(H) first; ties keep their order
+    perm = jnp.argsort(-jnp.diagonal(hf), stable=True).astype(jnp.int32)
+  else:
+    perm = jnp.arange(k, dtype=jnp.int32)
+  hp = hf[perm][:, perm]
+  u, ok, d_used = _damped_factor(hp, damp, damp_tries, damp_growth)
+  pad = lay.k_pad - k
+  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(lay.k_pad) >= k).astype(jnp.float32)
+  wp = jnp.pad(wf[perm], ((0, pad), (0, 0)))
+
+  sym = spec.symmetric
+  dynamic = spec.granularity == "group" and not static_groups
+  if dynamic:
+    scale0 = jnp.ones((lay.n_groups, n), jnp.float32)
+    zero0 = None if sym else jnp.zeros((lay.n_groups, n), jnp.float32)
+  else:  # per-tensor / per-channel ranges, or static groups: from the original weights
+    scale0, zero0 = _static_params(wf, spec, lay)
+  scale0 = jnp.concatenate([scale0, jnp.ones((1, n), jnp.float32)])
+  zero0 = None if sym else jnp.concatenate([zero0, jnp.zeros((1, n), jnp.float32)])
+
+  sweep = functools.partial(_sweep, spec=spec, lay=lay, dynamic=dynamic)
+  if mesh is None:
+    codes, scale, zero = sweep(wp, u, perm, scale0, zero0)
+  else:
+    # Output columns are independent given H: split them over the devices.
+    ndev = math.prod(mesh.shape[a] for a in axis_names)
+    npad = -n % ndev
+    cols = P(None, axis_names)
+    wp_, s_, z_ = (None if a is None else jnp.pad(a, ((0, 0), (0, npad)), constant_values=c)
+                   for a, c in ((wp, 0.0), (scale0, 1.0), (zero0, 0.0)))
+    wp_ = jax.lax.with_sharding_constraint(wp_, NamedSharding(mesh, cols))
+    z_specs = None if sym else cols
+    sharded = jax.shard_map(sweep, mesh=mesh, in_specs=(cols, P(), P(), cols, z_specs),
+                            out_specs=(cols, cols, z_specs), check_vma=False)
+    codes, scale, zero = sharded(wp_, u, perm, s_, z_)
+    codes, scale = codes[:, :n], scale[:, :n]
+    zero = None if sym else zero[:, :n]
+
+  codes = codes[:k][jnp.argsort(perm)]
+  scale, zero = scale[:lay.n_groups], (None if sym else zero[:lay.n_groups])
+  if spec.granularity == "tensor":
+    scale, zero = scale[:1, :1], (None if sym else zero[:1, :1])
+  # Loss against the caller's H and weights (dead rows carry no weight in H).
+  gs = lay.group if spec.granularity == "group" else k
+  rows_g = jnp.arange(k) // gs
+  s_rows = jnp.broadcast_to(scale, (lay.n_groups, n))[rows_g] if spec.granularity != "tensor" else scale
+  deq = codes.astype(jnp.float32)
+  if not sym:
+    z_rows = jnp.broadcast_to(zero, (lay.n_groups, n))[rows_g] if spec.granularity != "tensor" else zero
+    deq = deq - z_rows
+  deq = deq * s_rows
+  loss = _loss(w0, deq, h0)
+  p_shape = (1,) * (1 + len(rest)) if spec.granularity == "tensor" else (scale.shape[0],) + rest
+  return Solution(codes.reshape((k,) + rest), scale.reshape(p_shape),
+                  None if sym else zero.reshape(p_shape), loss, d_used, ok)
+
+
+def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth):
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"gptq.solve: spec must be a jquant.QuantSpec, got {type(spec).__name__}.")
+  w = jnp.asarray(w)
+  h = jnp.asarray(hessian)
+  if w.ndim < 2:
+    raise ValueError(f"gptq.solve: w must be a kernel of rank >= 2 (in, out...), got shape {w.shape}.")
+  if spec.axis not in (0, -w.ndim):
+    raise ValueError(f"gptq.solve: spec.axis={spec.axis} but GPTQ quantizes along the input axis 0 of a "
+                     f"(in, out) kernel; allowed: 0 (or {-w.ndim}).")
+  if spec.rounding != "nearest":
+    raise ValueError(f"gptq.solve: spec.rounding={spec.rounding!r}; allowed: 'nearest' (GPTQ decides the "
+                     "rounding itself).")
+  if h.shape != (w.shape[0], w.shape[0]):
+    raise ValueError(f"gptq.solve: hessian has shape {h.shape}; allowed: ({w.shape[0]}, {w.shape[0]}) for "
+                     f"w of shape {w.shape}.")
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"gptq.solve: block_size={block_size!r}; allowed: a positive int.")
+  if not float(damp) >= 0:
+    raise ValueError(f"gptq.solve: damp={damp!r}; allowed: a float >= 0 (a fraction of mean(diag(H))).")
+  if not isinstance(damp_tries, (int, np.integer)) or damp_tries < 1:
+    raise ValueError(f"gptq.solve: damp_tries={damp_tries!r}; allowed: an int >= 1.")
+  if not float(damp_growth) > 1:
+    raise ValueError(f"gptq.solve: damp_growth={damp_growth!r}; allowed: a float > 1.")
+  if spec.granularity == "group":
+    spec.num_groups(w.shape[0])  # raises with the pad_groups hint
+  return w, h
+
+
+def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
+                act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
+                damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None) -> Solution:
+  """`solve` without packing or error checks on the result: returns a `Solution`.
+
+  Usable under an outer ``jax.jit``; inspect ``Solution.ok`` yourself there.
+  """
+  w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth)
+  if mesh is not None and axis_names is None:
+    axis_names = tuple(mesh.axis_names)
+  elif axis_names is not None:
+    axis_names = tuple([axis_names] if isinstance(axis_names, str) else axis_names)
+  return _solve_jit(w, h, jnp.float32(damp), spec=spec.replace(axis=0), block_size=int(block_size),
+                    act_order=bool(act_order), static_groups=bool(static_groups),
+                    damp_tries=int(damp_tries), damp_growth=float(damp_growth), mesh=mesh,
+                    axis_names=axis_names)
+
+
+def damp_error(damp: float, damp_tries: int, damp_growth: float, where: str = "gptq.solve") -> ValueError:
+  tried = ", ".join(f"{damp * damp_growth ** t:g}" for t in range(damp_tries))
+  return ValueError(
+      f"{where}: the damped Hessian H + d*mean(diag(H))*I is not positive definite (or not finite) for "
+      f"every damp tried: d in [{tried}]. Check the Hessian for NaN/inf or negative eigenvalues, or pass a "
+      "larger damp= or damp_tries=.")
+
+
+def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
+          act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
+          damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None):
+  """GPTQ-quantizes one kernel ``w`` (in, out...) given the Hessian of its inputs.
+
+  Args:
+    w: Float kernel, Flax layout ``(in, out)`` (more trailing output axes are
+      allowed); rows along ``in`` are quantized.
+    hessian: ``(in, in)`` float Hessian ``2/N sum x x^T`` (see `hessian`).
+      Zero diagonal entries mark dead inputs: their rows become 0.
+    spec: `jquant.QuantSpec` with ``axis=0``; tensor, channel or group
+      granularity, symmetric or not, ``clip`` "minmax" or "mse".
+    block_size: Rows per lazy-update block (speed only; results equal up to
+      float rounding).
+    damp: ``damp * mean(diag(H))`` is added to the diagonal. If the Cholesky
+      factor is not finite, ``damp * damp_growth^t`` is tried for
+      ``t < damp_tries`` (inside the compiled function).
+    act_order: Quantize rows by decreasing ``diag(H)``. Groups stay contiguous
+      along ``in`` either way, so the result needs no permutation at inference;
+      the permutation only changes the order in which rows are decided.
+    static_groups: Group parameters from the original weights (as RTN) rather
+      than from the error-updated weights when a group's first row is reached.
+      The reference implementation's act-order without static groups forms
+      groups of consecutive *permuted* rows, which would need a per-row group
+      index at inference; here a group is always contiguous, and without
+      ``static_groups`` its parameters are fixed when its first row (in
+      processing order) is reached, from the group's weights at that moment.
+    damp_tries, damp_growth: Dampening retry schedule.
+    mesh: Optional `jax.sharding.Mesh`; output columns are split over
+      ``axis_names`` (default: all mesh axes). Same result as without a mesh.
+    axis_names: Mesh axis name or names to split the output columns over.
+
+  Returns:
+    ``(QArray, loss)``: the packed kernel and ``sum_j (w - q)_j^T H (w - q)_j / 2``
+    (a float32 scalar array).
+
+  Raises:
+    ValueError: bad arguments, or no dampening made the factorization finite
+      (the message lists the damp values tried).
+
+  Example:
+    >>> h = jquant.gptq.hessian(x)                   # x: (tokens, 256)
+    >>> spec = jquant.QuantSpec(bits=3, granularity="group", group_size=128)
+    >>> q, loss = jquant.gptq.solve(w, h, spec, act_order=True, static_groups=True)
+    >>> jquant.dequantize(q).shape == w.shape
+    True
+  """
+  sol = solve_codes(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
+                    static_groups=static_groups, damp_tries=damp_tries, damp_growth=damp_growth,
+                    mesh=mesh, axis_names=axis_names)
+  if not isinstance(sol.ok, jax.core.Tracer) and not bool(sol.ok):
+    raise damp_error(damp, damp_tries, damp_growth)
+  return pack(sol, spec, jnp.asarray(w).dtype), sol.loss
+
+
+def pack(sol: Solution, spec: QuantSpec, dtype=jnp.float32) -> QArray:
+  """Packs a `Solution` into a `QArray` (dequantizes to ``dtype``)."""
+  return QArray.from_codes(sol.codes, sol.scale, sol.zero_point, spec.replace(axis=0), dtype)

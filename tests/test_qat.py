@@ -1,0 +1,328 @@
+"""QAT: STE and LSQ gradients, one trace per step, exact conversion, Linen / NNX, checkpoints."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jquant
+import jquant.qat as qat
+
+G3 = jquant.QuantSpec(bits=3, granularity="group", group_size=16)
+CONVERT_SPECS = (
+    G3,
+    jquant.QuantSpec(bits=2, granularity="group", group_size=16),
+    jquant.QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16),
+    jquant.QuantSpec(bits=8, granularity="channel"),
+    jquant.QuantSpec(bits=5, symmetric=False, granularity="tensor"),
+    jquant.QuantSpec(bits=4, granularity="group", group_size=16, scale_dtype="bfloat16"),
+)
+
+
+def _mlp_params(key, k=64, h=48, n=16):
+  k1, k2 = jax.random.split(key)
+  return {"fc1": {"kernel": jax.random.normal(k1, (k, h)) / math.sqrt(k), "bias": jnp.zeros(h)},
+          "fc2": {"kernel": jax.random.normal(k2, (h, n)) / math.sqrt(h), "bias": jnp.zeros(n)}}
+
+
+def _mlp(p, x):
+  h = jax.nn.gelu(jquant.ops.qdot(x, p["fc1"]["kernel"]) + p["fc1"]["bias"])
+  return jquant.ops.qdot(h, p["fc2"]["kernel"]) + p["fc2"]["bias"]
+
+
+# ---------------------------------------------------------------------------
+# Gradients against hand-derived values.
+
+
+def test_lsq_symmetric_gradients_hand_derived():
+  spec = jquant.QuantSpec(bits=2, granularity="tensor")          # codes -2..1, Qp = 1
+  w = jnp.array([[0.2], [0.9], [-1.7], [3.0]])
+  s = jnp.array([[1.0]])
+  t = jnp.array([[1.0], [2.0], [3.0], [4.0]])                    # upstream cotangent
+  out, vjp = jax.vjp(lambda w, s: qat.lsq_fake_quant(w, s, None, spec), w, s)
+  dw, ds = vjp(t)
+  np.testing.assert_array_equal(np.asarray(out).ravel(), [0.0, 1.0, -2.0, 1.0])
+  # v = w/s: inside -2 < v < 1 for the first three (STE passes t), 3.0 is clipped (no gradient).
+  np.testing.assert_array_equal(np.asarray(dw).ravel(), [1.0, 2.0, 3.0, 0.0])
+  # ds = g * sum t * (round(v) - v | Qp): (1*-0.2 + 2*0.1 + 3*-0.3 + 4*1) / sqrt(4 * 1) = 3.1 / 2.
+  np.testing.assert_allclose(np.asarray(ds).ravel(), [1.55], rtol=1e-6)
+
+
+def test_lsq_asymmetric_gradients_hand_derived():
+  spec = jquant.QuantSpec(bits=2, symmetric=False, granularity="tensor")   # codes 0..3, Qp = 3
+  w = jnp.array([[-0.8], [0.1], [0.6], [1.5]])
+  s, z = jnp.array([[0.5]]), jnp.array([[1.4]])                  # zero point rounds to 1
+  out, vjp = jax.vjp(lambda w, s, z: qat.lsq_fake_quant(w, s, z, spec), w, s, z)
+  dw, ds, dz = vjp(jnp.ones_like(w))
+  # v = [-1.6, 0.2, 1.2, 3.0], codes clip(round(v) + 1) = [0, 1, 2, 3], out = (c - 1) * 0.5.
+  np.testing.assert_array_equal(np.asarray(out).ravel(), [-0.5, 0.0, 0.5, 1.0])
+  np.testing.assert_array_equal(np.asarray(dw).ravel(), [0.0, 1.0, 1.0, 0.0])
+  g = 1.0 / math.sqrt(4 * 3)
+  # ds: clipped low -> 0 - z = -1; inside -> round(v) - v = -0.2, -0.2; clipped high -> 3 - 1 = 2.
+  np.testing.assert_allclose(np.asarray(ds).ravel(), [0.6 * g], rtol=1e-5)
+  # dz: -s for each clipped element, 0 inside.
+  np.testing.assert_allclose(np.asarray(dz).ravel(), [-1.0 * g], rtol=1e-6)
+
+
+def test_lsq_group_gradients_match_float64_reference():
+  spec = jquant.QuantSpec(bits=3, granularity="group", group_size=8)
+  w = jax.random.normal(jax.random.key(0), (32, 5))
+  s, _ = jquant.compute_scale_zero(w, spec)
+  s = s * 0.8                                                     # some elements clip
+  t = jax.random.normal(jax.random.key(1), w.shape)
+  _, vjp = jax.vjp(lambda w, s: qat.lsq_fake_quant(w, s, None, spec), w, s)
+  dw, ds = vjp(t)
+  wn, sn, tn = (np.asarray(a, np.float64) for a in (w, s, t))
+  se = np.repeat(sn, 8, axis=0)
+  v = wn / se
+  inside = (v > -4) & (v < 3)
+  per = np.where(inside, np.round(v) - v, np.clip(np.round(v), -4, 3))
+  ref_ds = (tn * per).reshape(4, 8, 5).sum(1) / math.sqrt(8 * 3)
+  np.testing.assert_array_equal(np.asarray(dw), np.where(inside, tn, 0.0).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(ds), ref_ds, rtol=1e-5, atol=1e-5)
+
+
+def test_ste_fixed_scale_weight_gradient_and_no_scale_gradient():
+  params = {"d": {"kernel": jnp.array([[0.2, -5.0], [0.7, 0.1], [-0.3, 0.4]])}}
+  spec = jquant.QuantSpec(bits=4, granularity="tensor")
+  state = qat.init(params, [jquant.Rule("kernel", spec)], lsq=False)
+  st = state.quantizers["d/kernel"]
+  st = st.__class__(jnp.full_like(st.scale, 0.1), None, st.spec, False, None)   # v = 10 w; range -8..7
+  state = qat.QATState({"d/kernel": st})
+  t = jnp.arange(1.0, 7.0).reshape(3, 2)
+  loss = lambda p, s: jnp.sum(qat.fake_quantize(p, s)["d"]["kernel"] * t)
+  gp, gs = jax.grad(loss, argnums=(0, 1))(params, state)
+  # Straight through where -8 < 10 w < 7, else 0: clipped are -5.0 (v=-50) and 0.7 (v=7, the edge).
+  np.testing.assert_array_equal(np.asarray(gp["d"]["kernel"]), [[1.0, 0.0], [0.0, 4.0], [5.0, 6.0]])
+  assert float(jnp.abs(gs.quantizers["d/kernel"].scale).sum()) == 0.0
+
+
+def test_forward_equals_quantize_dequantize_bitwise():
+  w = jax.random.normal(jax.random.key(2), (96, 24))
+  for spec in CONVERT_SPECS:
+    got = jax.jit(lambda w: qat.lsq_fake_quant(w, *jquant.compute_scale_zero(w, spec), spec))(w)
+    ref = jax.jit(lambda w: jquant.dequantize(jquant.quantize(w, spec)))(w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=str(spec))
+
+
+def test_activation_fake_quant_ste_and_int8_values():
+  x = jax.random.normal(jax.random.key(3), (4, 7, 16))
+  y, vjp = jax.vjp(lambda x: qat.fake_quant_activations(x, 8), x)
+  xq, xs = jquant.ops.quantize_activations_per_token(x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(xq.astype(jnp.float32) * xs))
+  t = jax.random.normal(jax.random.key(4), x.shape)
+  np.testing.assert_array_equal(np.asarray(vjp(t)[0]), np.asarray(t))
+
+
+# ---------------------------------------------------------------------------
+# Training step.
+
+
+def _data(params, n=128, k=64, seed=5):
+  x = jax.random.normal(jax.random.key(seed), (n, k))
+  return x, _mlp(params, x) + 0.05 * jax.random.normal(jax.random.key(seed + 1), (n, 16))
+
+
+def test_train_step_traces_once_and_separate_learning_rates():
+  params = _mlp_params(jax.random.key(0))
+  state = qat.init(params, [jquant.Rule(r"kernel$", G3)])
+  traces = []
+
+  def loss_fn(p, batch):
+    traces.append(1)                      # runs only while tracing
+    x, y = batch
+    return jnp.mean((_mlp(p, x) - y) ** 2)
+
+  # Scales train, weights do not (lr 0), biases ("other") do.
+  opt = qat.optimizer(weights=optax.sgd(0.0), scales=optax.adam(1e-2), other=optax.sgd(1e-2))
+  step = qat.make_train_step(loss_fn, opt)
+  ts = qat.init_train_state(params, state, opt)
+  for i in range(4):
+    ts, loss = step(ts, _data(params, seed=10 + i))
+  assert len(traces) == 1
+  assert int(ts.step) == 4 and np.isfinite(float(loss))
+  np.testing.assert_array_equal(np.asarray(ts.params["fc1"]["kernel"]), np.asarray(params["fc1"]["kernel"]))
+  assert float(jnp.abs(ts.params["fc1"]["bias"]).max()) > 0
+  assert float(jnp.abs(ts.qat.quantizers["fc1/kernel"].scale - state.quantizers["fc1/kernel"].scale).max()) > 0
+
+
+def test_fixed_scales_stay_frozen_under_weight_decay():
+  params = _mlp_params(jax.random.key(0))
+  state = qat.init(params, [jquant.Rule(r"kernel$", G3)], lsq=False)
+  opt = qat.optimizer(weights=optax.adamw(1e-3, weight_decay=0.1))
+  step = qat.make_train_step(lambda p, b: jnp.mean((_mlp(p, b[0]) - b[1]) ** 2), opt)
+  ts = qat.init_train_state(params, state, opt)
+  for _ in range(3):
+    ts, _ = step(ts, _data(params))
+  for path, qz in state.quantizers.items():
+    np.testing.assert_array_equal(np.asarray(ts.qat.quantizers[path].scale), np.asarray(qz.scale))
+
+
+def test_convert_exact_after_training():
+  # One linear map per spec, summed: every spec trains in the same compiled step.
+  keys = jax.random.split(jax.random.key(1), len(CONVERT_SPECS))
+  params = {f"l{i}": {"kernel": jax.random.normal(k, (64, 16)) / 8.0} for i, k in enumerate(keys)}
+  rules = [jquant.Rule(f"l{i}/kernel", spec) for i, spec in enumerate(CONVERT_SPECS)]
+  model = lambda p, x: sum(jquant.ops.qdot(x, p[f"l{i}"]["kernel"]) for i in range(len(CONVERT_SPECS)))
+  x = jax.random.normal(jax.random.key(2), (128, 64))
+  y = model(params, x) + 0.1 * jax.random.normal(jax.random.key(3), (128, 16))
+  state = qat.init(params, rules)
+  opt = qat.optimizer(weights=optax.adam(3e-3), scales=optax.adam(1e-2))
+  step = qat.make_train_step(lambda p, b: jnp.mean((model(p, b[0]) - b[1]) ** 2), opt)
+  ts = qat.init_train_state(params, state, opt)
+  for _ in range(5):
+    ts, _ = step(ts, (x, y))
+  packed = qat.convert(ts.params, ts.qat)
+  fq = jax.jit(qat.fake_quantize)(ts.params, ts.qat)
+  for i, spec in enumerate(CONVERT_SPECS):
+    q = packed[f"l{i}"]["kernel"]
+    assert isinstance(q, jquant.QArray) and q.spec == spec
+    # The scales moved away from their RTN start, so this is not RTN's result.
+    assert float(jnp.abs(ts.qat.quantizers[f"l{i}/kernel"].scale - state.quantizers[f"l{i}/kernel"].scale).max()) > 0
+    np.testing.assert_array_equal(np.asarray(jquant.dequantize(q)), np.asarray(fq[f"l{i}"]["kernel"]),
+                                  err_msg=str(spec))
+  np.testing.assert_array_equal(np.asarray(model(jquant.dequantize_params(packed), x)), np.asarray(model(fq, x)))
+
+
+def test_w8a8_convert_matches_fake_quant_logits():
+  params = _mlp_params(jax.random.key(2))
+  spec = jquant.QuantSpec(bits=8, granularity="channel")
+  state = qat.init(params, [jquant.Rule(r"kernel$", spec)], act_bits=8)
+  fq = qat.fake_quantize(params, state)
+  assert isinstance(fq["fc1"]["kernel"], qat.ActFakeQuant)
+  packed = qat.convert(params, state)
+  assert isinstance(packed["fc1"]["kernel"], jquant.ops.W8A8Weight)
+  x = _data(params)[0]
+  a, b = np.asarray(_mlp(fq, x)), np.asarray(_mlp(packed, x))
+  # int32 accumulation vs float32 sums of the same products: float32 rounding of K=64 terms.
+  assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+  # Gradients reach the weights through both fake quantizers.
+  g = jax.grad(lambda p: jnp.sum(_mlp(qat.fake_quantize(p, state), x) ** 2))(params)
+  assert float(jnp.abs(g["fc1"]["kernel"]).max()) > 0
+
+
+def test_low_bit_activation_convert_uses_generic_wrapper():
+  params = _mlp_params(jax.random.key(2))
+  state = qat.init(params, [jquant.Rule(r"kernel$", G3)], act_bits=6)
+  packed = qat.convert(params, state)
+  assert isinstance(packed["fc1"]["kernel"], qat.ActQuantWeight)
+  x = _data(params)[0]
+  np.testing.assert_allclose(np.asarray(_mlp(packed, x)), np.asarray(_mlp(qat.fake_quantize(params, state), x)),
+                             rtol=0, atol=1e-5)
+
+
+def test_init_from_quantized_tree_reproduces_it():
+  params = _mlp_params(jax.random.key(3))
+  spec = jquant.QuantSpec(bits=3, granularity="group", group_size=16, clip="mse", mse_grid=20)
+  qtree = jquant.quantize_params(params, [jquant.Rule(r"kernel$", spec)])   # stands for a GPTQ result
+  latent = jquant.dequantize_params(qtree)
+  state = qat.init(latent, [jquant.Rule(r"kernel$", spec)], init_from=qtree)
+  np.testing.assert_array_equal(np.asarray(state.quantizers["fc1/kernel"].scale), np.asarray(qtree["fc1"]["kernel"].scale))
+  packed = qat.convert(latent, state)
+  for name in ("fc1", "fc2"):
+    np.testing.assert_array_equal(np.asarray(packed[name]["kernel"].qvalue), np.asarray(qtree[name]["kernel"].qvalue))
+
+
+# ---------------------------------------------------------------------------
+# Linen, NNX, checkpoints, errors.
+
+
+class _LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(16)(jax.nn.gelu(nn.Dense(48)(x)))
+
+
+def test_linen_params_train_and_convert():
+  model = _LinenMLP()
+  x = jax.random.normal(jax.random.key(0), (64, 32))
+  params = model.init(jax.random.key(1), x)["params"]
+  y = model.apply({"params": params}, x)
+  state = qat.init(params, [jquant.Rule(r"Dense_\d+/kernel", jquant.QuantSpec(bits=2, granularity="channel"))])
+  assert sorted(state.quantizers) == ["Dense_0/kernel", "Dense_1/kernel"]
+  loss_fn = lambda p, b: jnp.mean((model.apply({"params": p}, b[0]) - b[1]) ** 2)
+  opt = qat.optimizer(weights=optax.adam(3e-3), scales=optax.adam(3e-3))
+  step = qat.make_train_step(loss_fn, opt)
+  ts = qat.init_train_state(params, state, opt)
+  losses = []
+  for _ in range(40):
+    ts, l = step(ts, (x, y))
+    losses.append(float(l))
+  assert losses[-1] < losses[0]
+  deq = jquant.dequantize_params(qat.convert(ts.params, ts.qat))
+  np.testing.assert_array_equal(np.asarray(model.apply({"params": deq}, x)),
+                                np.asarray(model.apply({"params": qat.fake_quantize(ts.params, ts.qat)}, x)))
+
+
+class _NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(32, 48, rngs=rngs)
+    self.fc2 = nnx.Linear(48, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+def test_nnx_split_merge_train_and_convert():
+  model = _NNXMLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (64, 32))
+  y = model(x)
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = qat.init(params, [jquant.Rule(r"fc\d/kernel$", jquant.QuantSpec(bits=2, granularity="channel"))])
+  assert sorted(state.quantizers) == ["fc1/kernel", "fc2/kernel"]
+
+  def loss_fn(p, b):
+    return jnp.mean((nnx.merge(graphdef, p)(b[0]) - b[1]) ** 2)
+
+  opt = qat.optimizer(weights=optax.adam(3e-3), scales=optax.adam(3e-3))
+  step = qat.make_train_step(loss_fn, opt)
+  ts = qat.init_train_state(params, state, opt)
+  losses = []
+  for _ in range(40):
+    ts, l = step(ts, (x, y))
+    losses.append(float(l))
+  assert losses[-1] < losses[0]
+  assert isinstance(ts.params, nnx.State)
+  packed = qat.convert(ts.params, ts.qat)
+  fq_model = nnx.merge(graphdef, qat.fake_quantize(ts.params, ts.qat))
+  deq_model = nnx.merge(graphdef, jquant.dequantize_params(packed))
+  np.testing.assert_array_equal(np.asarray(deq_model(x)), np.asarray(fq_model(x)))
+
+
+def test_checkpoint_roundtrip_and_train_loop(tmp_path):
+  params = _mlp_params(jax.random.key(4))
+  state = qat.init(params, [jquant.Rule(r"kernel$",
+                                         jquant.QuantSpec(bits=4, symmetric=False, granularity="group",
+                                                          group_size=16))])
+  opt = qat.optimizer(weights=optax.adam(1e-3), scales=optax.adam(1e-2))
+  step = qat.make_train_step(lambda p, b: jnp.mean((_mlp(p, b[0]) - b[1]) ** 2), opt)
+  ts = qat.init_train_state(params, state, opt)
+  batch = _data(params)
+  ts, log = qat.train(step, ts, iter(lambda: batch, None), num_steps=6, log_every=2,
+                      log_path=str(tmp_path / "loss.tsv"), checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
+  assert log.steps == [1, 2, 3, 4, 5, 6] and len(log.losses) == 6
+  assert len((tmp_path / "loss.tsv").read_text().splitlines()) == 6
+  st, pr = qat.load_state(tmp_path / "ck" / "step_6", ts.qat, params_like=ts.params)
+  for a, b in zip(jax.tree_util.tree_leaves((st, pr)), jax.tree_util.tree_leaves((ts.qat, ts.params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert st.quantizers["fc1/kernel"].spec == ts.qat.quantizers["fc1/kernel"].spec
+  mid = qat.load_state(tmp_path / "ck" / "step_3", ts.qat)
+  assert isinstance(mid, qat.QATState)
+
+
+def test_errors_name_the_argument():
+  params = _mlp_params(jax.random.key(0))
+  with pytest.raises(ValueError, match="select no float leaf"):
+    qat.init(params, [jquant.Rule(r"nonexistent", G3)])
+  with pytest.raises(ValueError, match="rounding"):
+    qat.init(params, [jquant.Rule(r"kernel$", G3.replace(rounding="stochastic"))])
+  with pytest.raises(ValueError, match="act_bits"):
+    qat.init({"w": jnp.ones((4, 4, 4))}, [jquant.Rule("w", jquant.QuantSpec(bits=8))], act_bits=8)
+  state = qat.init(params, [jquant.Rule(r"kernel$", G3)])
+  with pytest.raises(ValueError, match="params do not hold"):
+    qat.fake_quantize({"fc1": params["fc1"]}, state)
