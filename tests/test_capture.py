@@ -8,18 +8,17 @@ import pytest
 import jquant
 from jquant import capture, models
 
-CFG = models.LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 BLOCK_PATHS = ["attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/gate", "mlp/up"]
 
 
 @pytest.fixture(scope="module")
-def toy():
-  return models.llama_init(CFG, jax.random.key(0))
+def toy(toy_llama):
+  return toy_llama
 
 
 @pytest.fixture(scope="module")
 def h0(toy):
-  return toy.embed(toy.params, jnp.asarray(np.arange(24).reshape(2, 12) % 61, jnp.int32))
+  return toy.embed(toy.params, jnp.asarray(np.arange(24).reshape(2, 12) * 7 % 97, jnp.int32))
 
 
 def _rms(x, scale, eps):
@@ -34,8 +33,8 @@ def test_block_paths_are_relative_and_output_unchanged(toy, h0):
 
 
 def test_full_model_paths_are_prefixed(toy, h0):
-  tokens = jnp.zeros((1, 5), jnp.int32)
-  _, xs = capture.capture_inputs(toy.apply, toy.params, tokens)
+  tokens = jnp.zeros((2, 12), jnp.int32)
+  _, xs = jax.jit(lambda p, t: capture.capture_inputs(toy.apply, p, t))(toy.params, tokens)
   assert sorted(xs) == sorted(f"layers_{i}/{p}" for i in range(2) for p in BLOCK_PATHS)
   for p in xs:  # every captured path names a kernel in the tree
     node = toy.params
@@ -49,7 +48,7 @@ def test_shared_inputs_are_the_same_array_and_values_are_right(toy, h0):
   _, xs = capture.capture_inputs(toy.block, bp, h0)
   assert xs["attn/q"] is xs["attn/k"] is xs["attn/v"]
   assert xs["mlp/gate"] is xs["mlp/up"]
-  np.testing.assert_allclose(xs["attn/q"], _rms(h0, bp["attn_norm"]["scale"], CFG.norm_eps), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(xs["attn/q"], _rms(h0, bp["attn_norm"]["scale"], toy.config.norm_eps), rtol=1e-5, atol=1e-6)
   g, u = xs["mlp/gate"] @ bp["mlp"]["gate"]["kernel"], xs["mlp/up"] @ bp["mlp"]["up"]["kernel"]
   np.testing.assert_allclose(xs["mlp/down"], jax.nn.silu(g) * u, rtol=1e-4, atol=1e-5)
   assert capture.shared_input_groups(sorted(xs)) == [["attn/k", "attn/q", "attn/v"], ["attn/o"], ["mlp/down"],
@@ -80,8 +79,8 @@ def test_quantized_params_capture_same_paths(toy, h0):
 
 
 def test_bert_capture_paths():
-  b = models.bert_init(models.BertConfig(), jax.random.key(1))
-  _, xs = capture.capture_inputs(b.apply, b.params, jnp.ones((1, 6), jnp.int32))
+  b = models.bert_init(models.BertConfig(n_layers=1), jax.random.key(1))
+  _, xs = jax.jit(lambda p, t: capture.capture_inputs(b.apply, p, t))(b.params, jnp.ones((1, 6), jnp.int32))
   assert {p for p in xs if p.startswith("layers_0/")} == {
       "layers_0/attn/q", "layers_0/attn/k", "layers_0/attn/v", "layers_0/attn/o", "layers_0/mlp/up",
       "layers_0/mlp/down"}

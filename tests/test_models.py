@@ -96,13 +96,12 @@ def _rel(a, b):
 
 
 # ----------------------------------------------------------------------------- toy decoder
-TOY = models.LlamaConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
-                         rope_theta=500.0)
-
-
 @pytest.fixture(scope="module")
-def toy():
-  return models.llama_init(TOY, jax.random.key(1))
+def toy(toy_llama):
+  return toy_llama
+
+
+TOKENS = jnp.asarray(np.arange(24).reshape(2, 12) * 7 % 97, jnp.int32)
 
 
 def test_toy_param_tree_layout(toy):
@@ -117,25 +116,25 @@ def test_toy_param_tree_layout(toy):
 
 
 def test_toy_matches_numpy_gqa_reference(toy):
-  ids = np.arange(23) * 7 % 97
-  got = toy.apply(toy.params, jnp.asarray(ids[None], jnp.int32))[0]
-  want = np_llama(_to_llamacpp_layout(toy.params, TOY), _cfg_dict(TOY), ids)
-  assert _rel(got, want) < 1e-5
+  got = jax.jit(toy.apply)(toy.params, TOKENS)
+  w = _to_llamacpp_layout(toy.params, toy.config)
+  for b in range(2):
+    assert _rel(got[b], np_llama(w, _cfg_dict(toy.config), np.asarray(TOKENS[b]))) < 1e-5
 
 
 def test_toy_block_api_equals_apply(toy):
-  tokens = jnp.asarray(np.arange(30).reshape(2, 15) % 97, jnp.int32)
-  h = toy.embed(toy.params, tokens)
+  h = toy.embed(toy.params, TOKENS)
   for name in toy.block_names:
     h = toy.block(toy.params[name], h)
-  np.testing.assert_allclose(toy.head(toy.params, h), toy.apply(toy.params, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(toy.head(toy.params, h), jax.jit(toy.apply)(toy.params, TOKENS), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_toy_untied_head_and_bf16():
-  cfg = models.LlamaConfig(tie_embeddings=False, dtype="bfloat16")
+  cfg = models.LlamaConfig(n_layers=1, tie_embeddings=False, dtype="bfloat16")
   m = models.llama_init(cfg, jax.random.key(2))
   assert m.params["lm_head"]["kernel"].shape == (cfg.dim, cfg.vocab_size)
-  out = m.apply(m.params, jnp.zeros((1, 4), jnp.int32))
+  out = jax.jit(m.apply)(m.params, jnp.zeros((1, 4), jnp.int32))
   assert out.dtype == jnp.float32 and out.shape == (1, 4, cfg.vocab_size) and bool(jnp.isfinite(out).all())
 
 
@@ -144,11 +143,11 @@ def test_packed_params_equal_dequantized_params(toy):
                                                                               group_size=16))]
   q = jquant.quantize_params(toy.params, rules)
   assert isinstance(q["layers_1"]["mlp"]["down"]["kernel"], jquant.QArray)
-  tokens = jnp.asarray(np.arange(20).reshape(2, 10), jnp.int32)
-  packed = jax.jit(toy.apply)(q, tokens)
-  unpacked = jax.jit(toy.apply)(jquant.dequantize_params(q), tokens)
+  apply = jax.jit(toy.apply)
+  packed = apply(q, TOKENS)
+  unpacked = apply(jquant.dequantize_params(q), TOKENS)
   np.testing.assert_allclose(packed, unpacked, rtol=1e-5, atol=1e-5)
-  assert _rel(packed, toy.apply(toy.params, tokens)) > 1e-4  # it really is quantized
+  assert _rel(packed, apply(toy.params, TOKENS)) > 1e-4  # it really is quantized
 
 
 @pytest.mark.parametrize("kwargs", [dict(n_heads=4, n_kv_heads=3), dict(dim=30, n_heads=4), dict(n_layers=0),
@@ -261,8 +260,9 @@ def test_minilm_related_pair_scores_higher(minilm):
 
 
 def test_toy_bert_padding_does_not_change_embedding():
-  b = models.bert_init(models.BertConfig(), jax.random.key(3))
+  b = models.bert_init(models.BertConfig(n_layers=1), jax.random.key(3))
   tokens = jnp.asarray([[5, 6, 7, 0, 0]], jnp.int32)
-  padded = b.embed(b.params, tokens, jnp.asarray([[1, 1, 1, 0, 0]]))
-  short = b.embed(b.params, tokens[:, :3])
+  embed = jax.jit(b.embed)
+  padded = embed(b.params, tokens, jnp.asarray([[1, 1, 1, 0, 0]]))
+  short = embed(b.params, tokens[:, :3], jnp.ones((1, 3), jnp.int32))
   np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-6)

@@ -198,12 +198,22 @@ def test_w8a8_convert_matches_fake_quant_logits():
   packed = qat.convert(params, state)
   assert isinstance(packed["fc1"]["kernel"], jquant.ops.W8A8Weight)
   x = _data(params)[0]
-  a, b = np.asarray(_mlp(fq, x)), np.asarray(_mlp(packed, x))
-  # int32 accumulation vs float32 sums of the same products: float32 rounding of K=64 terms.
-  assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
-  # Gradients reach the weights through both fake quantizers.
-  g = jax.grad(lambda p: jnp.sum(_mlp(qat.fake_quantize(p, state), x) ** 2))(params)
-  assert float(jnp.abs(g["fc1"]["kernel"]).max()) > 0
+  a, b = np.asarray(jax.jit(_mlp)(fq, x)), np.asarray(jax.jit(_mlp)(packed, x))
+  if jax.default_backend() == "cpu":
+    # Training runs the same int8 x int8 -> int32 product as W8A8Weight: identical logits.
+    np.testing.assert_array_equal(a, b)
+  else:  # accelerators may run W8A8Weight through a Pallas kernel (other summation order of the scales)
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+  # Gradients are those of the float product of the fake-quantized operands (STE through both quantizers).
+  loss = lambda p, int_path: jnp.sum(_mlp(jax.tree_util.tree_map(
+      lambda w: qat.ActFakeQuant(w.weight, w.bits) if isinstance(w, qat.ActFakeQuant) and not int_path else w,
+      qat.fake_quantize(p, state),
+      is_leaf=lambda w: isinstance(w, qat.ActFakeQuant)), x) ** 2)
+  g_int, g_float = jax.grad(loss)(params, True), jax.grad(loss)(params, False)
+  assert float(jnp.abs(g_int["fc1"]["kernel"]).max()) > 0
+  for name in ("fc1", "fc2"):
+    np.testing.assert_allclose(np.asarray(g_int[name]["kernel"]), np.asarray(g_float[name]["kernel"]),
+                               rtol=1e-4, atol=1e-4 * float(jnp.abs(g_float[name]["kernel"]).max()))
 
 
 def test_low_bit_activation_convert_uses_generic_wrapper():

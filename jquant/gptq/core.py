@@ -167,8 +167,6 @@ def _damped_factor(hp, damp, damp_tries: int, damp_growth: float):
     u = _upper_factor_of_inverse(hp + (d * mean_diag) * eye)
     return u, jnp.all(jnp.isfinite(u)), d
 
-  u0, ok0, d0 = attempt(jnp.int32(0))
-
   def cond(c):
     t, _, ok, _ = c
     return jnp.logical_and(~ok, t + 1 < damp_tries)
@@ -178,7 +176,10 @@ def _damped_factor(hp, damp, damp_tries: int, damp_growth: float):
     u, ok, d = attempt(t + 1)
     return t + 1, u, ok, d
 
-  _, u, ok, d = lax.while_loop(cond, body, (jnp.int32(0), u0, ok0, d0))
+  # One traced attempt (in the body): the loop starts from a failed "try -1".
+  nan = jnp.full_like(hp, jnp.nan)
+  init = (jnp.int32(-1), nan, jnp.bool_(False), jnp.float32(damp))
+  _, u, ok, d = lax.while_loop(cond, body, init)
   return u, ok, d
 
 

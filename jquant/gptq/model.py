@@ -159,6 +159,23 @@ def _shared_groups(model, bp, hb) -> list[list[str]]:
   return found[0]
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "shapes", "dtypes"))
+def _split_pack(codes, scale, zero, *, spec, shapes, dtypes):
+  """Cuts a side-by-side solve back into one packed `QArray` per kernel."""
+  out, start = [], 0
+  for shape, dtype in zip(shapes, dtypes):
+    width = int(np.prod(shape[1:]))
+    if spec.granularity == "tensor":  # never solved side by side
+      cut = lambda x: None if x is None else x.reshape((1,) * len(shape))
+      c = codes.reshape(shape)
+    else:
+      cut = lambda x: None if x is None else x[:, start:start + width].reshape((x.shape[0],) + shape[1:])
+      c = codes[:, start:start + width].reshape(shape)
+    out.append(core.pack(core.Solution(c, cut(scale), cut(zero), None, None, None), spec, dtype))
+    start += width
+  return tuple(out)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _layer_losses(w, q, h, *, spec):
   return core.quant_loss(w, q, h), core.quant_loss(w, quantize(w, spec), h)
@@ -316,16 +333,10 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
               raise core.damp_error(o["damp"], o["damp_tries"], o["damp_growth"],
                                     where=f"quantize_model ({name}: {', '.join(part)})")
             offs = np.cumsum([0] + widths)
-            for p, k, a, b in zip(part, kernels, offs[:-1], offs[1:]):
-              cut = lambda x: None if x is None else x[:, a:b].reshape((x.shape[0],) + k.shape[1:])
-              if spec.granularity == "tensor":
-                q = core.pack(core.Solution(sol.codes.reshape(k.shape), sol.scale.reshape((1,) * k.ndim),
-                                            None if sol.zero_point is None else
-                                            sol.zero_point.reshape((1,) * k.ndim), sol.loss, sol.damp, sol.ok),
-                              spec, k.dtype)
-              else:
-                q = core.pack(core.Solution(cut(sol.codes), cut(sol.scale), cut(sol.zero_point), sol.loss,
-                                            sol.damp, sol.ok), spec, k.dtype)
+            qs = _split_pack(sol.codes, sol.scale, sol.zero_point, spec=spec,
+                             shapes=tuple(tuple(k.shape) for k in kernels),
+                             dtypes=tuple(np.dtype(k.dtype).name for k in kernels))
+            for p, k, q, a, b in zip(part, kernels, qs, offs[:-1], offs[1:]):
               loss, rtn = _layer_losses(k, q, hess, spec=spec.replace(axis=0))
               reports.append(LayerReport(f"{name}/{p}/kernel", tuple(k.shape), _spec_str(spec), float(loss),
                                          float(rtn), float(sol.damp), secs * (b - a) / offs[-1]))

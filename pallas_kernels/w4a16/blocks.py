@@ -8,7 +8,7 @@ per shape, in this format.
 Example:
     >>> from pallas_kernels.w4a16 import blocks
     >>> blocks.table_entry("gpu", "sm90", m=8)
-    WOBlocks(bm=16, bn=64, bk=512, sk=128, num_warps=4, num_stages=4, split_k=1, fast_convert=True)
+    WOBlocks(bm=16, bn=64, bk=512, sk=128, num_warps=4, num_stages=4, split_k=1, fast_convert=True, x_mode='split')
 """
 
 from __future__ import annotations

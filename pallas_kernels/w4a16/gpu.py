@@ -2,20 +2,19 @@
 
 Each program owns a ``bm x bn`` output tile and walks K inside the kernel.
 Per sub-step of ``sk`` rows (at most one quantization group) it loads the
-packed bytes once and forms
+packed bytes once (Triton pipelines these loads ``num_stages`` deep) and forms
 
-* INT4: ``lo = byte & 0xF`` (rows 2j) and ``hi = byte >> 4`` (rows 2j+1), and
-  multiplies them with the even and odd activation columns, read with a
-  stride of two, so no interleaving of the weights is needed;
+* INT4: ``lo = byte & 0xF`` (logical rows 2j) and ``hi = byte >> 4`` (rows
+  2j+1); ``x_even @ lo + x_odd @ hi`` needs no re-interleaving of the
+  weights (``x_mode`` says how the even/odd activation columns are read);
 * 5..8 bits: one code per byte.
 
-Codes go into the tensor cores as exact small integers; the zero point (or
-the symmetric offset) and the group scale are applied to the ``bm x bn``
-partial product instead of every weight:
-``acc += s_g * (x_g @ c_g - rowsum(x_g) * z_g)``.
-With ``fast_convert`` (bf16 activations) a nibble becomes the bf16 number
-``128 + nibble`` by an OR with ``0x4300`` (no int-to-float instruction); the
-extra 128 is folded into ``z_g``.
+Codes enter the tensor cores as exact small integers ``code - zero``; the
+group scale multiplies the ``bm x bn`` partial product, not every weight:
+``acc += s_g * (x_g @ (c_g - z_g))``. With ``fast_convert`` (bf16
+activations) a nibble becomes the bf16 number ``128 + nibble`` by an OR with
+``0x4300`` and one packed bf16 subtraction of ``128 + z`` (integer-to-float
+conversions run at a quarter of the ALU rate on Hopper).
 
 Example:
     >>> from pallas_kernels.w4a16 import gpu

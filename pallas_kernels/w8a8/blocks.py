@@ -6,7 +6,7 @@ wrappers pad the operands to block multiples.
 Example:
     >>> from pallas_kernels.w8a8 import blocks
     >>> blocks.pick("gpu", 37, 896, 1000, "sm90")
-    W8A8Blocks(bm=64, bn=256, bk=128, num_warps=8, num_stages=3, group_m=8)
+    W8A8Blocks(bm=64, bn=128, bk=128, num_warps=8, num_stages=4, group_m=8)
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ TPU = {
     "v7": W8A8Blocks(512, 1024, 1024),
 }
 
-# Hopper: 128x256x128 with 8 warps is the usual sweet spot of Triton int8 GEMMs.
+# Hopper: 128x128x128 with 8 warps (two warpgroups) compiles to int8 wgmma without register spills
+# (128x256 tiles spill in the main loop); bench_kernels.py sweeps the alternatives.
 GPU = {
     "sm80": W8A8Blocks(128, 128, 128, num_warps=4, num_stages=4),
     "sm89": W8A8Blocks(128, 128, 128, num_warps=4, num_stages=4),
-    "sm90": W8A8Blocks(128, 256, 128, num_warps=8, num_stages=3),
+    "sm90": W8A8Blocks(128, 128, 128, num_warps=8, num_stages=4),
     "default": W8A8Blocks(128, 128, 64, num_warps=4, num_stages=3),
 }
 
