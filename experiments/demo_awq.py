@@ -24,13 +24,11 @@ def demo_rows(model, params, calib, evalw):
   del evalw
   import jquant
   from jquant import awq
-  gptq_pass = getattr(getattr(jquant, "gptq", None), "quantize_model", None)
-  if gptq_pass is None:
-    try:
-      from jquant import gptq
-      gptq_pass = getattr(gptq, "quantize_model", None)
-    except ImportError:
-      gptq_pass = None
+  try:
+    from jquant import gptq
+    gptq_pass = getattr(gptq, "quantize_model", None)
+  except ImportError:
+    gptq_pass = None
   rows = []
   for bits in (4, 3):
     rules = _rules(bits)

@@ -8,6 +8,10 @@
 * ``w`` an object with a ``__qdot__(x)`` method: it computes the product
   itself (`W8A8Weight` below; QAT's fake-quantized weights).
 
+When lowering for TPU or CUDA, 4..8-bit `QArray` weights and `W8A8Weight`
+run the Pallas kernels of `pallas_kernels` (chosen per lowering platform with
+``jax.lax.platform_dependent``); `force_xla()` keeps everything on XLA.
+
 Example:
     >>> q = jquant.quantize(w, jquant.QuantSpec(bits=8))
     >>> y = jquant.ops.qdot(x, jquant.ops.W8A8Weight(q))   # int8 x int8 -> int32
@@ -77,6 +81,7 @@ class W8A8Weight(NamedTuple):
     else:
       xs = jnp.asarray(self.act_scale, jnp.float32)
       xq = quantize_activations_static(x, xs)
+
     def xla_w8a8(xq2, xs2, wq, ws):
       acc = int8_matmul(xq2, wq)
       return (acc.astype(jnp.float32) * xs2 * ws.astype(jnp.float32).reshape(-1)).astype(x.dtype)

@@ -140,9 +140,39 @@ def gpu_target(arch: str):
     yield
 
 
-def dispatch(args, *, xla: Callable, tpu: Optional[Callable], gpu: Optional[Callable], backend: str):
-  """Calls the implementation for ``backend`` ('auto' picks by lowering platform)."""
+def with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
+  """``kernel`` forward, the gradient of ``reference`` (plain XLA) backward.
+
+  Pallas kernels have no transpose rule; this keeps ``jax.grad`` through a
+  quantized matmul working on every platform (integer inputs get float0
+  cotangents, float ones the reference's exact gradient).
+  """
+
+  @jax.custom_vjp
+  def f(*args):
+    return kernel(*args)
+
+  def fwd(*args):
+    return kernel(*args), args
+
+  def bwd(args, g):
+    return jax.vjp(reference, *args)[1](g)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def dispatch(args, *, xla: Callable, tpu: Optional[Callable], gpu: Optional[Callable], backend: str,
+             reference: Optional[Callable] = None):
+  """Calls the implementation for ``backend`` ('auto' picks by lowering platform).
+
+  Kernel branches differentiate through ``reference`` (default ``xla``), which
+  must take the operands as explicit arguments.
+  """
   check_backend(backend)
+  reference = reference or xla
+  tpu = None if tpu is None else with_reference_vjp(tpu, reference)
+  gpu = None if gpu is None else with_reference_vjp(gpu, reference)
   if backend == "xla":
     return xla(*args)
   if backend == "tpu":

@@ -90,11 +90,14 @@ def test_no_nan_for_zero_channels_and_groups():
   np.testing.assert_array_equal(zero, np.ones(8, np.float32))
 
 
+_search_clip = jax.jit(core.search_clip, static_argnames=("spec", "n_grid", "max_shrink"))
+
+
 def test_clip_search_never_worse_than_minmax_and_matches_numpy_per_group_error():
   x, w = _data(n=200, d=96, out=40, seed=5)
   w = w.at[3, 0].set(12.0)  # one big weight stretches its group's range
   for spec in (W3G32, W3G32.replace(symmetric=False), jquant.QuantSpec(bits=4, granularity="channel")):
-    clip = core.search_clip(w, x, spec, n_grid=20, max_shrink=0.5)
+    clip = _search_clip(w, x, spec=spec, n_grid=20, max_shrink=0.5)
     wc = core.apply_clip(w, clip, spec)
     base = core.output_error(x @ w, x @ jquant.fake_quant(w, spec))
     got = core.output_error(x @ w, x @ jquant.fake_quant(wc, spec))
@@ -102,7 +105,7 @@ def test_clip_search_never_worse_than_minmax_and_matches_numpy_per_group_error()
     assert float(jnp.min(clip.shrink)) >= 0.55 - 1e-6
   # Per-group error in float64 NumPy for the chosen and the unclipped range.
   spec = W3G32
-  clip = core.search_clip(w, x, spec)
+  clip = _search_clip(w, x, spec=spec)
   xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
   qc = np.asarray(jquant.fake_quant(core.apply_clip(w, clip, spec), spec), np.float64)
   q1 = np.asarray(jquant.fake_quant(w, spec), np.float64)

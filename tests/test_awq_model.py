@@ -116,12 +116,11 @@ def test_bert_folds_v_into_o_exactly_and_quantizes():
                                    "bias": bp["attn"]["v"]["bias"].at[5].set(2.0)})
   params["layers_0"] = bp
   tokens = jax.random.randint(jax.random.key(7), (4, 16), 0, m.config.vocab_size)
-  scaled = awq.scale_model(m, params, tokens, RULES, clip=False, progress=False)
+  q, scaled = awq.quantize_model(m, params, tokens, RULES, clip=False, progress=False, return_scaled_float=True)
   assert {(r.block, r.group) for r in scaled.reports} == {(b, "attn_out") for b in m.block_names}
   assert float(scaled.scales["layers_0/attn_out"][5]) > 1.0
   ref = m.apply(params, tokens)
   tol = 64 * np.finfo(np.float32).eps * float(jnp.abs(ref).max())
   assert float(jnp.abs(m.apply(scaled.params, tokens) - ref).max()) < tol
-  q = awq.quantize_model(m, params, tokens, RULES, progress=False)
   assert isinstance(q["layers_1"]["mlp"]["down"]["kernel"], jquant.QArray)
   assert bool(jnp.all(jnp.isfinite(m.embed(q, tokens))))

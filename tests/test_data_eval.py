@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant import data, eval as jeval, models
+from jquant import data, eval as jeval
 
 
 class CharTokenizer:

@@ -1,5 +1,7 @@
 """GPTQ solver tests: against a float64 NumPy implementation of the published algorithm."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,11 @@ def ref_gptq(w, h, bits, sym, group, *, damp=0.01, act_order=False, static_group
   return codes, ratio, 0.5 * np.sum(err * (h_orig @ err))
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _rtn_loss(w, h, spec):
+  return gptq.quant_loss(w, jquant.quantize(w, spec), h)
+
+
 def _problem(k, n, seed, tokens=512):
   """Correlated inputs (a realistic, far from diagonal H) and a kernel."""
   rng = np.random.default_rng(seed)
@@ -117,23 +124,32 @@ def test_solver_matches_float64_reference(case):
   np.testing.assert_allclose(float(sol.loss), ref_loss, rtol=1e-3)
 
 
-def test_gptq_loss_never_above_rtn():
-  for seed, (bits, sym, gran, group, act_order) in enumerate([
-      (4, True, "group", 32, False), (3, False, "group", 32, True), (4, False, "channel", None, False),
-      (3, True, "channel", None, True), (2, False, "group", 32, False)]):
-    w, h = _problem(96, 24, seed=100 + seed)
-    spec = jquant.QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group)
-    q, loss = gptq.solve(w, h, spec, act_order=act_order, block_size=32)
-    rtn = gptq.quant_loss(w, jquant.quantize(w, spec), h)
-    assert float(loss) <= float(rtn), (spec, float(loss), float(rtn))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gptq_loss_never_above_rtn(case):
+  k, n, bits, sym, gran, group, act_order, static_groups, block = case
+  spec = jquant.QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, pad_groups=True)
+  for seed in range(3):
+    w, h = _problem(k, n, seed=1000 + seed)
+    q, loss = gptq.solve(w, h, spec, block_size=block, act_order=act_order, static_groups=static_groups)
+    assert float(loss) <= float(_rtn_loss(w, h, spec)), (case, seed)
     # The reported loss is the dequantized QArray's.
     np.testing.assert_allclose(float(loss), float(gptq.quant_loss(w, q, h)), rtol=1e-5)
+
+
+def test_mse_clipping_ranges_beat_rtn_with_mse():
+  spec = jquant.QuantSpec(bits=3, granularity="channel", clip="mse", mse_grid=20)
+  for seed in range(2):
+    w, h = _problem(64, 16, seed=2000 + seed)
+    q, loss = gptq.solve(w, h, spec, act_order=True)
+    assert float(loss) <= float(_rtn_loss(w, h, spec))
+    # Per-channel ranges are fixed up front: exactly RTN's MSE-searched scales.
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(jquant.compute_scale_zero(w, spec)[0]))
 
 
 @pytest.mark.parametrize("static_groups", [True, False])
 def test_act_order_groups_dequantize_consistently(static_groups):
   w, h = _problem(96, 24, seed=7)
-  spec = jquant.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32)
+  spec = jquant.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32, pad_groups=True)
   sol = gptq.solve_codes(w, h, spec, act_order=True, static_groups=static_groups, block_size=32)
   q = gptq.pack(sol, spec)
   # Contiguous groups: no permutation needed; the payload decodes to the solver's integers.
@@ -156,7 +172,7 @@ def test_non_positive_definite_hessian_retries_damp():
   mean_diag = np.mean(np.diag(h64))
   # Smallest eigenvalue -0.03 mean(diag): damp 0.01 fails, 0.1 succeeds.
   h_bad = (h64 - (lam + 0.03 * mean_diag) * np.eye(96)).astype(np.float32)
-  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32)
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32, pad_groups=True)
   sol = gptq.solve_codes(w, h_bad, spec, block_size=32)
   assert bool(sol.ok) and float(sol.damp) == pytest.approx(0.1)
   assert np.isfinite(float(sol.loss))
@@ -169,28 +185,25 @@ def test_dead_inputs_become_zero_rows():
   dead = np.array([0, 5, 50])
   h[dead, :] = 0.0
   h[:, dead] = 0.0
-  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32)
+  spec = jquant.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32, pad_groups=True)
   q, loss = gptq.solve(w, h, spec, act_order=True, block_size=32)
   deq = np.asarray(jquant.dequantize(q))
   assert np.all(deq[dead] == 0.0) and np.isfinite(deq).all() and np.isfinite(float(loss))
-  ref_codes, ratio, ref_loss = ref_gptq(w, h, 4, True, 32, act_order=True)
+  ref_codes, ratio, ref_loss = ref_gptq(w, h, 3, False, 32, act_order=True)
   _assert_codes_match(q.codes(), ref_codes, ratio)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-3)
 
 
-@pytest.mark.parametrize("spec", [
-    jquant.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32),
-    jquant.QuantSpec(bits=4, granularity="channel", clip="mse")], ids=["g32-asym", "chan-mse"])
-def test_sharded_solve_equals_single_device(cpu_mesh, spec):
+def test_sharded_solve_equals_single_device(cpu_mesh):
+  spec = jquant.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32, pad_groups=True)
   w, h = _problem(96, 36, seed=5)  # 36 columns: not a multiple of the 8 devices
   a = gptq.solve_codes(w, h, spec, act_order=True, block_size=32)
   b = gptq.solve_codes(w, h, spec, act_order=True, block_size=32, mesh=cpu_mesh)
+  # Same integers; group parameters computed from error-updated rows may differ in the last bit
+  # (the column shards' matrix products may round differently).
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
-  if spec.symmetric:
-    assert a.zero_point is None and b.zero_point is None
-  else:
-    np.testing.assert_array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
+  np.testing.assert_allclose(np.asarray(a.scale), np.asarray(b.scale), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
   np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-5)
 
 

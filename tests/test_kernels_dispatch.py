@@ -104,3 +104,17 @@ def test_bench_smoke_runs_in_interpret_mode(tmp_path, monkeypatch):
   assert all(not r.note and r.rel_err < 1e-2 for r in kernels), [(r.case, r.impl, r.note) for r in b.rows]
   text = (tmp_path / "bench_kernels.md").read_text()
   assert "| W4A16 M=4" in text and "pallas (table)" in text and "pallas W (N,K)" in text
+
+
+def test_gradients_flow_through_kernels_via_the_xla_reference():
+  """Kernels have no transpose rule: qdot's backward is the XLA reference's, on every platform."""
+  w = jax.random.normal(jax.random.key(4), (256, 128))
+  q = jquant.quantize(w, jquant.QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64))
+  x = jax.random.normal(jax.random.key(5), (4, 256), jnp.bfloat16)
+  loss = lambda a: jquant.ops.qdot(a, q).astype(jnp.float32).sum()  # noqa: E731
+  s = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  assert MOSAIC_CALL in exported_text(jax.value_and_grad(loss), (s,), "tpu")
+  assert TRITON_CALL in exported_text(jax.value_and_grad(loss), (s,), "cuda")
+  with jquant.ops.force_xla():
+    want = jax.grad(loss)(x)
+  np.testing.assert_array_equal(np.asarray(jax.grad(loss)(x)), np.asarray(want))

@@ -266,3 +266,48 @@ def test_toy_bert_padding_does_not_change_embedding():
   padded = embed(b.params, tokens, jnp.asarray([[1, 1, 1, 0, 0]]))
   short = embed(b.params, tokens[:, :3], jnp.ones((1, 3), jnp.int32))
   np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-6)
+
+
+def test_from_gguf_reads_written_file_with_f32_f16_q8_0(tmp_path):
+  """A toy decoder written to GGUF (llama.cpp layout, three tensor types) loads and matches NumPy."""
+  import gguf
+  cfg = models.LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                           rope_theta=1000.0)
+  toy = models.llama_init(cfg, jax.random.key(5))
+  layout = _to_llamacpp_layout(toy.params, cfg)
+  path = str(tmp_path / "toy.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_block_count(1)
+  w.add_context_length(128)
+  w.add_embedding_length(64)
+  w.add_feed_forward_length(96)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_rope_freq_base(1000.0)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_vocab_size(64)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list([chr(33 + i) for i in range(63)] + ["AB"])
+  w.add_token_types([1] * 64)
+  w.add_token_merges(["A B"])
+  Q = gguf.GGMLQuantizationType
+  stored = {}
+  for name, arr in layout.items():
+    qtype = Q.F32 if arr.ndim == 1 else Q.F16 if name.startswith("token_embd") else Q.Q8_0
+    data = gguf.quants.quantize(arr.astype(np.float32), qtype)
+    w.add_tensor(name, data, raw_dtype=qtype if qtype == Q.Q8_0 else None)
+    stored[name] = np.asarray(gguf.quants.dequantize(data, qtype), np.float64).reshape(arr.shape)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+  m = models.from_gguf(path)
+  assert m.config == cfg
+  assert m.tokenizer.encode("ABC").ids == [63, 34]
+  ids = np.arange(10) * 5 % 64
+  got = jax.jit(m.apply)(m.params, jnp.asarray(ids[None], jnp.int32))[0]
+  assert _rel(got, np_llama(stored, _cfg_dict(cfg), ids)) < 1e-5
+  # Q8_0 really was stored (weights differ from the float toy by rounding only).
+  assert 0 < _rel(m.params["layers_0"]["mlp"]["down"]["kernel"], toy.params["layers_0"]["mlp"]["down"]["kernel"]) < 0.02

@@ -507,4 +507,9 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
 
 def pack(sol: Solution, spec: QuantSpec, dtype=jnp.float32) -> QArray:
   """Packs a `Solution` into a `QArray` (dequantizes to ``dtype``)."""
-  return QArray.from_codes(sol.codes, sol.scale, sol.zero_point, spec.replace(axis=0), dtype)
+  return _pack(sol.codes, sol.scale, sol.zero_point, spec=spec.replace(axis=0), dtype=np.dtype(dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "dtype"))
+def _pack(codes, scale, zero, *, spec, dtype):
+  return QArray.from_codes(codes, scale, zero, spec, dtype)

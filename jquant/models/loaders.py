@@ -52,6 +52,11 @@ def default_gguf_path() -> str:
   return os.path.join(folder, files[0])
 
 
+def _f32(x) -> float:
+  """A float32 field as the shortest decimal that rounds to it (1e-05, not 9.9999997e-06)."""
+  return float(str(np.float32(x)))
+
+
 def _field(reader, name, default=None):
   f = reader.fields.get(name)
   if f is None:
@@ -157,8 +162,8 @@ def from_gguf(path: Optional[str] = None, *, progress: bool = False) -> Model:
       n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
       ffn_dim=int(_field(reader, "llama.feed_forward_length")),
       head_dim=int(_field(reader, "llama.attention.key_length", dim // n_heads)),
-      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+      norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in names)
 
   dense = {"attn_q": ("attn", "q"), "attn_k": ("attn", "k"), "attn_v": ("attn", "v"),

@@ -94,8 +94,11 @@ def weight_only_matmul(x, packed, scale, zero_point=None, *, bits: int, k: int |
       raise _common.KernelUnsupported(f"M={m} > GPU_MAX_M={GPU_MAX_M}")
     return gpu.weight_only_matmul(a, p, s, z, layout, out_dtype, interpret=interpret, blocks=blocks)
 
+  def reference_impl(a, p, s, z):
+    return reference.weight_only_matmul(a, p, s, z, layout, out_dtype)
+
   out = _common.dispatch((x2, packed, scale, zero_point), xla=xla_impl, tpu=guarded(tpu_impl),
-                         gpu=guarded(gpu_impl), backend=backend)
+                         gpu=guarded(gpu_impl), backend=backend, reference=reference_impl)
   return out.reshape(lead + (n,))
 
 

@@ -76,7 +76,8 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.bfloat16, *, backend: 
       return gpu.w8a8_matmul(a, sa, b.T, sb, out_dtype, interpret=interpret, blocks=blocks, w_layout="nk")
     return gpu.w8a8_matmul(a, sa, b, sb, out_dtype, interpret=interpret, blocks=blocks)
 
-  out = _common.dispatch((x2, xs2, w_q, ws2), xla=xla_impl, tpu=tpu_impl, gpu=gpu_impl, backend=backend)
+  out = _common.dispatch((x2, xs2, w_q, ws2), xla=xla_impl, tpu=tpu_impl, gpu=gpu_impl, backend=backend,
+                         reference=lambda a, sa, b, sb: reference.w8a8_matmul(a, sa, b, sb, out_dtype))
   return out.reshape(lead + (n,))
 
 

@@ -1,0 +1,44 @@
+"""W8A8 rows of `make demo`: dynamic per-token, and the best static variant.
+
+The static variant is the best of ``experiments/w8a8_compare.py``: SmoothQuant
+with per-site searched alpha (folded exactly into the norms, ``up`` and ``v``),
+then per-tensor min-max activation scales calibrated on the smoothed model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jquant
+import jquant.capture  # noqa: F401
+from jquant import observers as O
+from jquant import smoothquant as sq
+from jquant.calibrate import W8A8Spec, calibrate, convert
+
+DENSE = r"(attn|mlp)/\w+/kernel$"
+STATIC = [jquant.Rule(DENSE, W8A8Spec(activations="static"))]
+DYNAMIC = [jquant.Rule(DENSE, W8A8Spec(activations="dynamic"))]
+SITES = ("attn_norm", "mlp_norm", "mlp/up", "attn/v")
+
+
+def smoothquant_static(model, params, calib, *, search_windows: int = 4, progress: bool = False):
+  """SmoothQuant (searched alpha) + static per-tensor min-max W8A8; returns the converted tree."""
+  chan = calibrate(model, params, calib, STATIC, observer=O.MinMaxObserver("channel"), progress=progress)
+  alphas = sq.search_alpha(model, params, calib[:search_windows], chan.amax(), sites=SITES, progress=progress)
+  smoothed, _ = sq.smooth(params, chan.amax(), alphas, model=model, sites=SITES)
+  stats = calibrate(model, smoothed, calib, STATIC, observer=O.MinMaxObserver(), progress=progress)
+  return convert(smoothed, stats, STATIC)
+
+
+def demo_rows(model, params, calib, evalw):
+  del evalw  # rows are evaluated by the demo driver
+  t = time.perf_counter()
+  dyn = convert(params, None, DYNAMIC)
+  t_dyn = time.perf_counter() - t
+  t = time.perf_counter()
+  static = smoothquant_static(model, params, calib)
+  t_static = time.perf_counter() - t
+  return [
+      {"method": "W8A8 dynamic per-token", "params": dyn, "quant_seconds": t_dyn},
+      {"method": "W8A8 static + SmoothQuant", "params": static, "quant_seconds": t_static},
+  ]
