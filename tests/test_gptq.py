@@ -142,8 +142,8 @@ def test_mse_clipping_ranges_beat_rtn_with_mse():
     w, h = _problem(64, 16, seed=2000 + seed)
     q, loss = gptq.solve(w, h, spec, act_order=True)
     assert float(loss) <= float(_rtn_loss(w, h, spec))
-    # Per-channel ranges are fixed up front: exactly RTN's MSE-searched scales.
-    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(jquant.compute_scale_zero(w, spec)[0]))
+    # Per-channel ranges are fixed up front: RTN's MSE-searched scales (to float rounding).
+    np.testing.assert_allclose(np.asarray(q.scale), np.asarray(jquant.compute_scale_zero(w, spec)[0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("static_groups", [True, False])

@@ -91,8 +91,9 @@ def test_int8_matmul_is_bit_exact_against_int32_numpy(static):
   y = qdot(x, W8A8Weight(q, xs if static else None))
   want = ref.astype(np.float32) * np.asarray(xs) * np.asarray(q.scale).reshape(-1)
   np.testing.assert_allclose(np.asarray(y), want, rtol=2e-7, atol=0)
-  # The compiled product is int8 x int8 -> int32.
-  jaxpr = jax.make_jaxpr(lambda a: qdot(a, W8A8Weight(q, xs if static else None)))(x).jaxpr
+  # The XLA product is int8 x int8 -> int32 (other backends' kernels are checked in pallas_kernels' tests).
+  with jquant.ops.force_xla():
+    jaxpr = jax.make_jaxpr(lambda a: qdot(a, W8A8Weight(q, xs if static else None)))(x).jaxpr
   assert _int8_dots(jaxpr) == [jnp.int32]
 
 
@@ -153,7 +154,8 @@ def test_static_scales_are_constants_of_the_serving_function(toy):
   reductions = ("reduce_max", "reduce_min", "argmax", "argmin")
 
   def serving(params):  # params closed over: they are constants of the compiled function
-    return jax.make_jaxpr(jax.jit(lambda t: m.apply(params, t)))(evalw).jaxpr
+    with jquant.ops.force_xla():  # the CPU path; one trace instead of one branch per platform
+      return jax.make_jaxpr(jax.jit(lambda t: m.apply(params, t)))(evalw).jaxpr
 
   n_float = _count(serving(m.params), reductions)  # softmax's max only
   assert _count(serving(q_static), reductions) == n_float
@@ -162,9 +164,10 @@ def test_static_scales_are_constants_of_the_serving_function(toy):
   # A single static qdot has no reduction at all, and its scale is a literal constant in the HLO.
   wq = q_static["layers_0"]["attn"]["q"]["kernel"]
   x = jax.random.normal(jax.random.key(4), (2, 8, 64))
-  one = jax.make_jaxpr(lambda a: qdot(a, wq))(x).jaxpr
+  with jquant.ops.force_xla():
+    one = jax.make_jaxpr(lambda a: qdot(a, wq))(x).jaxpr
+    hlo = jax.jit(lambda a: qdot(a, wq)).lower(x).as_text()
   assert _count(one, reductions + ("reduce_sum",)) == 0
-  hlo = jax.jit(lambda a: qdot(a, wq)).lower(x).as_text()
   assert "reduce" not in hlo and "constant" in hlo
 
 

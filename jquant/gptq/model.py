@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import time
 import warnings
+import weakref
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -181,6 +182,59 @@ def _layer_losses(w, q, h, *, spec):
   return core.quant_loss(w, q, h), core.quant_loss(w, quantize(w, spec), h)
 
 
+class _Steps(NamedTuple):
+  embed: Any
+  hess_step: Any
+  block_fwd: Any
+
+
+_STEPS: dict = {}
+
+
+def _steps(model, mesh, data_axis) -> _Steps:
+  """Jitted embed / Hessian / forward steps, cached per (model object, mesh).
+
+  Repeated passes over one model (sweeps, tests) reuse the compiled steps. The
+  functions hold the model only through a weak reference, and the cache entry
+  goes away with the model.
+  """
+  key = (id(model), mesh, data_axis)
+  hit = _STEPS.get(key)
+  if hit is not None and hit[0]() is model:
+    return hit[1]
+  try:
+    ref, cacheable = weakref.ref(model), True
+  except TypeError:  # not weak-referenceable: no caching
+    ref, cacheable = (lambda: model), False
+
+  def data_parallel(fn, n_batch_args, out_specs):
+    if mesh is None:
+      return fn
+    in_specs = (P(),) + (P(data_axis),) * n_batch_args
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+  embed = jax.jit(lambda p, t: ref().embed(p, t))
+
+  @functools.partial(jax.jit, static_argnames=("reps",))
+  def hess_step(bp, hb, wb, sums, reps):
+    def local(bp, hb, wb):
+      _, xs = capture_inputs(ref().block, bp, hb)
+      out = {}
+      for r in reps:
+        st = core.hessian_update(core.hessian_init(xs[r].shape[-1]), xs[r], wb)
+        out[r] = st if mesh is None else jax.tree_util.tree_map(lambda a: jax.lax.psum(a, data_axis), st)
+      return out
+    part = data_parallel(local, 2, P())(bp, hb, wb)
+    return jax.tree_util.tree_map(jnp.add, sums, part)
+
+  block_fwd = jax.jit(data_parallel(lambda bp, hb: ref().block(bp, hb), 1, P(data_axis)))
+  steps = _Steps(embed, hess_step, block_fwd)
+  if cacheable:
+    weakref.finalize(model, _STEPS.pop, key, None)
+    _STEPS[key] = (ref, steps)
+  return steps
+
+
 def _check_options(options):
   unknown = sorted(set(options) - set(SOLVER_OPTIONS))
   if unknown:
@@ -255,28 +309,9 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
   weights = jnp.asarray(row_real[:, None] * pos_w[None, :])  # (n_pad, T)
   batches = [slice(i, i + bsz) for i in range(0, n_pad, bsz)]
 
-  def data_parallel(fn, n_batch_args, out_specs):
-    if mesh is None:
-      return fn
-    in_specs = (P(),) + (P(data_axis),) * n_batch_args
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-  embed = jax.jit(lambda p, t: model.embed(p, t))
+  steps = _steps(model, mesh, data_axis)
+  embed, hess_step, block_fwd = steps.embed, steps.hess_step, steps.block_fwd
   h = jnp.concatenate([embed(params, tokens[sl]) for sl in batches])
-
-  @functools.partial(jax.jit, static_argnames=("reps",))
-  def hess_step(bp, hb, wb, sums, reps):
-    def local(bp, hb, wb):
-      _, xs = capture_inputs(model.block, bp, hb)
-      out = {}
-      for r in reps:
-        st = core.hessian_update(core.hessian_init(xs[r].shape[-1]), xs[r], wb)
-        out[r] = st if mesh is None else jax.tree_util.tree_map(lambda a: jax.lax.psum(a, data_axis), st)
-      return out
-    part = data_parallel(local, 2, P())(bp, hb, wb)
-    return jax.tree_util.tree_map(jnp.add, sums, part)
-
-  block_fwd = jax.jit(data_parallel(lambda bp, hb: model.block(bp, hb), 1, P(data_axis)))
 
   axis_names = None if mesh is None else tuple(mesh.axis_names)
   new_params = dict(params)
