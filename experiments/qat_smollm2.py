@@ -12,7 +12,7 @@ Writes ``experiments/results/qat_smollm2.md`` (table), ``qat_smollm2.png``
 (training loss curves) and ``qat_smollm2_loss_*.tsv`` (loss logs).
 
 Usage:
-    python experiments/qat_smollm2.py [--steps-w3 100] [--steps-w8a8 30] [--seq-len 128] [--batch 4]
+    python experiments/qat_smollm2.py [--steps-w3 80] [--steps-w8a8 20] [--seq-len 128] [--batch 4]
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ def _log(msg):
 
 def _gptq_params(model, params, calib, rules):
   """GPTQ at the same spec through the library's model-level entry point, or None if there is none."""
-  import jquant
-  gptq = getattr(jquant, "gptq", None)
-  fn = getattr(gptq, "quantize_model", None) if gptq is not None else None
+  try:
+    import jquant.gptq as gptq
+  except ImportError:
+    return None
+  fn = getattr(gptq, "quantize_model", None)
   if fn is None:
     return None
   out = fn(model, params, calib, rules, progress=False)
@@ -46,8 +48,8 @@ def _gptq_params(model, params, calib, rules):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps-w3", type=int, default=100)
-  ap.add_argument("--steps-w8a8", type=int, default=30)
+  ap.add_argument("--steps-w3", type=int, default=80)
+  ap.add_argument("--steps-w8a8", type=int, default=20)
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--lr-weights", type=float, default=1e-4)

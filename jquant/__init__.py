@@ -14,11 +14,12 @@ from jquant.qarray import (QArray, quantize, dequantize, fake_quant, quantize_va
 from jquant.tree import quantize_params, dequantize_params, footprint, Footprint, is_qarray
 from jquant.checkpoint import save, load
 from jquant import packing, ops, utils
+from jquant import capture, data, eval, models  # noqa: A004  (jquant.eval is the evaluation module)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
-    "Footprint", "is_qarray", "save", "load", "packing", "ops", "utils",
+    "Footprint", "is_qarray", "save", "load", "packing", "ops", "utils", "capture", "data", "eval", "models",
 ]

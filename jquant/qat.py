@@ -27,7 +27,8 @@ grid. This module is a handful of pure functions around an ordinary optax loop:
 * `convert` returns the tree with packed `QArray` s built from the learned
   scales (`jquant.QArray.from_codes`); the dequantized weights equal the
   fake-quantized ones bit for bit. W8A8 weights become
-  `jquant.ops.W8A8Weight` (int8 x int8 matmuls).
+  `jquant.ops.W8A8Weight` (int8 x int8 matmuls); their training forward
+  already runs that integer product, so training and export agree exactly.
 
 Works on any pytree of parameters: Flax Linen ``params`` dicts, NNX
 ``nnx.State`` (``nnx.split`` / ``nnx.merge``), nested dicts.
@@ -559,9 +560,6 @@ def convert(params, state: QATState):
 
 # ---------------------------------------------------------------------------
 # Optimizer and training step.
-
-LABELS = ("weights", "other", "scales", "frozen")
-
 
 def param_labels(trainable):
   """Labels for ``(params, qat_state)``: weights / other / scales / frozen.

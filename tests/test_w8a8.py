@@ -42,6 +42,16 @@ def toy():
   return m, calib, evalw
 
 
+@pytest.fixture(scope="module")
+def toy_stats(toy):
+  """Per-tensor min-max and per-channel max|x| stats of the toy, computed once for the module."""
+  m, calib, _ = toy
+  static = calibrate(m, m.params, calib, STATIC, batch_size=3, progress=False)
+  chan = calibrate(m, m.params, calib, STATIC, observer=O.MinMaxObserver("channel"), batch_size=3,
+                   progress=False)
+  return static, chan
+
+
 def _count(jaxpr, names) -> int:
   """Occurrences of primitives named in ``names``, through every sub-jaxpr."""
   n = 0
@@ -101,9 +111,9 @@ def test_int8_matmul_is_bit_exact_against_int32_numpy(static):
 # calibrate -> convert -> footprint -> save -> load -> serve.
 
 
-def test_calibrate_convert_save_load_serve(toy, tmp_path):
+def test_calibrate_convert_save_load_serve(toy, toy_stats, tmp_path):
   m, calib, evalw = toy
-  stats = calibrate(m, m.params, calib, STATIC, batch_size=4, progress=False)
+  stats = toy_stats[0]
   assert sorted(stats.keys()) == sorted(f"{b}/{l}/kernel" for b in m.block_names for l in
                                         ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"))
   # min-max per tensor over all calibration windows equals max|x| of the captured inputs.
@@ -126,30 +136,28 @@ def test_calibrate_convert_save_load_serve(toy, tmp_path):
   assert rel < 0.5, rel  # loose: the toy has x40 outlier channels by construction (see the SmoothQuant tests)
 
   path = jquant.save(tmp_path / "w8a8", qparams)
-  restored = jquant.load(path)
+  restored = jquant.load(path, target=qparams)  # the target gives back the W8A8Weight wrappers
   assert isinstance(restored["layers_0"]["attn"]["q"]["kernel"], W8A8Weight)
   np.testing.assert_array_equal(np.asarray(jax.jit(m.apply)(restored, evalw)), np.asarray(out))
 
 
-def test_dynamic_needs_no_stats_and_mixes_with_static(toy):
+def test_dynamic_needs_no_stats_and_mixes_with_static(toy, toy_stats):
   m, calib, evalw = toy
   mixed = [jquant.Rule(r"mlp/down/kernel$", W8A8Spec(activations="dynamic")), jquant.Rule(r"mlp/down", None)] \
       + STATIC
   q_dyn = convert(m.params, None, DYNAMIC)
   assert q_dyn["layers_1"]["mlp"]["down"]["kernel"].act_scale is None
-  stats = calibrate(m, m.params, calib, mixed, progress=False)
-  q_mix = convert(m.params, stats, mixed)
+  q_mix = convert(m.params, toy_stats[0], mixed)
   assert q_mix["layers_0"]["mlp"]["down"]["kernel"].act_scale is None
   assert q_mix["layers_0"]["mlp"]["up"]["kernel"].act_scale is not None
   with pytest.raises(ValueError, match="no activation statistics for static layer"):
     convert(m.params, None, STATIC)
 
 
-def test_static_scales_are_constants_of_the_serving_function(toy):
+def test_static_scales_are_constants_of_the_serving_function(toy, toy_stats):
   """Static activations are quantized with stored scales: no range reduction per call."""
   m, calib, evalw = toy
-  stats = calibrate(m, m.params, calib, STATIC, progress=False)
-  q_static = convert(m.params, stats, STATIC)
+  q_static = convert(m.params, toy_stats[0], STATIC)
   q_dyn = convert(m.params, None, DYNAMIC)
   reductions = ("reduce_max", "reduce_min", "argmax", "argmin")
 
@@ -175,14 +183,10 @@ def test_static_scales_are_constants_of_the_serving_function(toy):
 # SmoothQuant.
 
 
-def _channel_stats(m, calib):
-  return calibrate(m, m.params, calib, STATIC, observer=O.MinMaxObserver("channel"), progress=False)
-
-
-def test_smoothquant_folding_with_power_of_two_factors_is_bit_exact(toy):
+def test_smoothquant_folding_with_power_of_two_factors_is_bit_exact(toy, toy_stats):
   """Scaling by powers of two is exact in float, so the smoothed model must be bit-identical."""
   m, calib, evalw = toy
-  amax = _channel_stats(m, calib).amax()
+  amax = toy_stats[1].amax()
   folds = {f.name: f for f in sq.LLAMA_FOLDS}
   groups = sq._gqa_groups(m)
   p = dict(m.params)
@@ -199,9 +203,9 @@ def test_smoothquant_folding_with_power_of_two_factors_is_bit_exact(toy):
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.85])
-def test_smoothquant_leaves_float_outputs_unchanged(toy, alpha):
+def test_smoothquant_leaves_float_outputs_unchanged(toy, toy_stats, alpha):
   m, calib, evalw = toy
-  amax = _channel_stats(m, calib).amax()
+  amax = toy_stats[1].amax()
   smoothed, factors = sq.smooth(m.params, amax, alpha, model=m, sites=("attn_norm", "mlp_norm", "mlp/up", "attn/v"))
   assert len(factors) == 4 * len(m.block_names)
   ref, out = m.apply(m.params, evalw), m.apply(smoothed, evalw)
@@ -210,20 +214,20 @@ def test_smoothquant_leaves_float_outputs_unchanged(toy, alpha):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=512 * 2**-24 * float(jnp.max(jnp.abs(ref))))
 
 
-def test_smoothquant_reduces_static_w8a8_error(toy):
+def test_smoothquant_reduces_static_w8a8_error(toy, toy_stats):
   m, calib, evalw = toy
-  cstats = _channel_stats(m, calib)
+  cstats = toy_stats[1]
   ref = m.apply(m.params, evalw)
 
-  def static_error(params):
-    q = convert(params, calibrate(m, params, calib, STATIC, progress=False), STATIC)
-    return float(jnp.linalg.norm(m.apply(q, evalw) - ref))
+  def static_error(params, stats):
+    return float(jnp.linalg.norm(m.apply(convert(params, stats, STATIC), evalw) - ref))
 
   alphas = sq.search_alpha(m, m.params, calib, cstats.amax(), alphas=(0.0, 0.5, 0.8), progress=False)
   assert set(alphas) == {f"{b}/{s}" for b in m.block_names for s in ("attn_norm", "mlp_norm", "mlp/up")}
   smoothed, _ = sq.smooth(m.params, cstats.amax(), alphas)
   # The outlier channels (x40, x15 after both norms) dominate the per-tensor range without smoothing.
-  assert static_error(smoothed) < 0.6 * static_error(m.params)
+  smoothed_stats = calibrate(m, smoothed, calib, STATIC, batch_size=3, progress=False)
+  assert static_error(smoothed, smoothed_stats) < 0.6 * static_error(m.params, toy_stats[0])
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_calibrate_errors_are_clear(toy):
     W8A8Spec(bits=4)
 
 
-def test_stats_merge_and_reinterpret(toy):
+def test_stats_merge_and_reinterpret(toy, toy_stats):
   """Stats of two calibration halves merge to the stats of all windows; one histogram serves many observers."""
   m, calib, _ = toy
   obs = O.PercentileObserver(percentile=99.0)
@@ -257,7 +261,7 @@ def test_stats_merge_and_reinterpret(toy):
   for k in whole.keys():
     np.testing.assert_array_equal(np.asarray(merged[k].counts), np.asarray(whole[k].counts))
   mm = whole.with_observer(O.PercentileObserver(percentile=100.0)).amax()
-  exact = calibrate(m, m.params, calib, STATIC, progress=False).amax()
+  exact = toy_stats[0].amax()
   for k in exact:
     assert float(mm[k]) == float(exact[k])
   assert isinstance(jax.tree.map(lambda x: x, whole), ActivationStats)

@@ -50,6 +50,7 @@ from jquant.spec import QuantSpec
 
 _HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
 _SUB_BLOCK = 16  # rows per inner sub-block: rank-1 updates stay in cache
+_UNROLL = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _static_params(w, spec, lay: _Layout):
   return s, z
 
 
-def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic: bool):
+def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic: bool, aligned: bool):
   """The GPTQ sweep over the rows of ``w`` in processing order.
 
   Args:
@@ -243,6 +244,9 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
     spec: The quantization spec.
     lay: Static sizes.
     dynamic: Compute each group's parameters when its first row is reached.
+    aligned: Groups start on sub-block boundaries in processing order (no
+      act-order, ``sub`` divides the group size): parameters are then
+      computed once per sub-block instead of checked at every row.
 
   Returns:
     (k_pad, N) int32 codes in processing order, and the final (scale, zero).
@@ -277,22 +281,30 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         in_blk = (pos >= i1) & (pos < i1 + blk)
         beyond = w_all[pos] - jnp.matmul(u_rows[:, pos].T, err1, precision=_HI)
         base = jnp.where(in_blk[:, None], w1[jnp.clip(pos - i1, 0, blk - 1)], beyond)
+        if err2 is None:  # at a sub-block start nothing is pending inside it
+          return base
         return base - jnp.matmul(u_sub_rows[:, pos].T, err2, precision=_HI)
+
+      def group_init(g, err2):
+        def init(args):
+          scale, zero, visited = args
+          # Rows of group g in original order; a short last group repeats its
+          # last row, exactly as compute_scale_zero pads it.
+          rows = jnp.minimum(g * gsz + jnp.arange(gsz), k - 1)
+          s, z = _group_params(current_rows(invperm[rows], err2), spec)
+          zero = zero if sym else zero.at[g].set(z[0])
+          return scale.at[g].set(s[0]), zero, visited.at[g].set(True)
+        return init
+
+      if dynamic and aligned:
+        g0 = gidx[i1 + j1]
+        scale, zero, visited = lax.cond(visited[g0], lambda a: a, group_init(g0, None), (scale, zero, visited))
 
       def col_body(i, c2):
         w2, err2, codes2, scale, zero, visited = c2
         g = gidx[i1 + j1 + i]
-        if dynamic:
-          def init(args):
-            scale, zero, visited = args
-            # Rows of group g in original order; a short last group repeats its
-            # last row, exactly as compute_scale_zero pads it.
-            rows = jnp.minimum(g * gsz + jnp.arange(gsz), k - 1)
-            s, z = _group_params(current_rows(invperm[rows], err2), spec)
-            zero = zero if sym else zero.at[g].set(z[0])
-            return scale.at[g].set(s[0]), zero, visited.at[g].set(True)
-
-          scale, zero, visited = lax.cond(visited[g], lambda a: a, init, (scale, zero, visited))
+        if dynamic and not aligned:
+          scale, zero, visited = lax.cond(visited[g], lambda a: a, group_init(g, err2), (scale, zero, visited))
         x = w2[i]
         s, z = scale[g][None], None if sym else zero[g][None]
         c, _, _ = quantize_values(x[None], chan, scale=s, zero_point=z)
@@ -303,7 +315,7 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited
 
       init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32), scale, zero, visited)
-      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2)
+      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2, unroll=_UNROLL)
       w1 = w1 - jnp.matmul(lax.dynamic_slice_in_dim(u1, j1, sub, 0).T, err2, precision=_HI)
       err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, 0)
       codes1 = lax.dynamic_update_slice_in_dim(codes1, codes2, j1, 0)
@@ -358,7 +370,8 @@ def _solve_jit(w, h, damp, *, spec, block_size, act_order, static_groups, damp_t
   scale0 = jnp.concatenate([scale0, jnp.ones((1, n), jnp.float32)])
   zero0 = None if sym else jnp.concatenate([zero0, jnp.zeros((1, n), jnp.float32)])
 
-  sweep = functools.partial(_sweep, spec=spec, lay=lay, dynamic=dynamic)
+  aligned = not act_order and lay.group % lay.sub == 0
+  sweep = functools.partial(_sweep, spec=spec, lay=lay, dynamic=dynamic, aligned=aligned)
   if mesh is None:
     codes, scale, zero = sweep(wp, u, perm, scale0, zero0)
   else:
