@@ -182,9 +182,15 @@ def _alpha_for(alpha, block: str, site: str) -> float:
   return float(alpha)
 
 
+def _default_sites(sites, model, folds):
+  if sites is not None:
+    return tuple(sites)
+  # The attn/v site needs the head layout, which only the model knows.
+  return tuple(f.name for f in folds if model is not None or f.name != "attn/v")
+
+
 def smooth(params, act_absmax: Mapping[str, jax.Array], alpha: Union[float, Mapping[str, float]] = 0.5, *,
-           model=None, sites: Sequence[str] = ("attn_norm", "mlp_norm", "mlp/up"),
-           folds: Sequence[Fold] = LLAMA_FOLDS):
+           model=None, sites: Optional[Sequence[str]] = None, folds: Sequence[Fold] = LLAMA_FOLDS):
   """Smooths a Llama-style parameter tree; the float function is unchanged.
 
   Args:
@@ -194,13 +200,15 @@ def smooth(params, act_absmax: Mapping[str, jax.Array], alpha: Union[float, Mapp
     alpha: Migration strength, one float or ``{"<block>/<site>" or "<site>": float}``
       (from `search_alpha`).
     model: Needed for the ``attn/v`` site (head layout from ``model.config``).
-    sites: Which sites to smooth (names of `Fold` s).
+    sites: Which sites to smooth (names of `Fold` s); default all of ``folds``
+      (without ``attn/v`` when no model is given).
     folds: The block layout.
 
   Returns:
     ``(smoothed params, {"<block>/<site>": s})``.
   """
   by_name = {f.name: f for f in folds}
+  sites = _default_sites(sites, model, folds)
   for s in sites:
     if s not in by_name:
       raise ValueError(f"smooth: site {s!r}; allowed: {tuple(by_name)}.")
@@ -253,7 +261,7 @@ def site_error(x, kernels, s_targets, activations: str = "static") -> jax.Array:
 
 
 def search_alpha(model, params, windows, act_absmax: Mapping[str, jax.Array], *,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, sites: Sequence[str] = ("attn_norm", "mlp_norm", "mlp/up"),
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, sites: Optional[Sequence[str]] = None,
                  activations: str = "static", skip_positions: int = 0, batch_size: int = 4,
                  folds: Sequence[Fold] = LLAMA_FOLDS, progress: bool = True) -> dict:
   """Per-site alpha with the least W8A8 output error on a few windows.
@@ -268,7 +276,7 @@ def search_alpha(model, params, windows, act_absmax: Mapping[str, jax.Array], *,
     windows: Int tokens (n, length); a handful is enough.
     act_absmax: Per-channel max|x| per kernel path (as for `smooth`).
     alphas: Candidates.
-    sites: Sites to search.
+    sites: Sites to search (default: all of ``folds``).
     activations: ``"static"`` or ``"dynamic"`` activation quantization to score.
     skip_positions: Leave the first positions out of the error (attention sink).
     batch_size: Windows per step.
@@ -280,6 +288,12 @@ def search_alpha(model, params, windows, act_absmax: Mapping[str, jax.Array], *,
   from jquant.calibrate import _check_windows
   w = _check_windows(model, windows, "search_alpha")
   by_name = {f.name: f for f in folds}
+  sites = _default_sites(sites, model, folds)
+  for s in sites:
+    if s not in by_name:
+      raise ValueError(f"search_alpha: site {s!r}; allowed: {tuple(by_name)}.")
+  if activations not in ("static", "dynamic"):
+    raise ValueError(f"search_alpha: activations={activations!r}; allowed: ('static', 'dynamic').")
   groups = _gqa_groups(model)
   names = _block_names(params, model)
   alphas = tuple(float(a) for a in alphas)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import warnings
 from typing import Callable, Optional
 
 import jax
@@ -191,14 +190,6 @@ def dispatch(args, *, xla: Callable, tpu: Optional[Callable], gpu: Optional[Call
   if not branches:
     return xla(*args)
   return jax.lax.platform_dependent(*args, default=xla, **branches)
-
-
-@contextlib.contextmanager
-def quiet_triton_deprecation():
-  """Newer JAX warns that Pallas Triton is deprecated; the kernels still lower."""
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-    yield
 
 
 @dataclasses.dataclass(frozen=True)

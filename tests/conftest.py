@@ -6,6 +6,8 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_ENABLE_X64", "0")
+# TPU ahead-of-time compiles load libtpu; its lock file must not stop a second process.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

@@ -206,7 +206,7 @@ def test_smoothquant_folding_with_power_of_two_factors_is_bit_exact(toy, toy_sta
 def test_smoothquant_leaves_float_outputs_unchanged(toy, toy_stats, alpha):
   m, calib, evalw = toy
   amax = toy_stats[1].amax()
-  smoothed, factors = sq.smooth(m.params, amax, alpha, model=m, sites=("attn_norm", "mlp_norm", "mlp/up", "attn/v"))
+  smoothed, factors = sq.smooth(m.params, amax, alpha, model=m)  # all four sites
   assert len(factors) == 4 * len(m.block_names)
   ref, out = m.apply(m.params, evalw), m.apply(smoothed, evalw)
   # Each fold adds at most one rounding (2^-24 relative) to every scaled weight; 2 blocks x 4 folds
@@ -223,8 +223,8 @@ def test_smoothquant_reduces_static_w8a8_error(toy, toy_stats):
     return float(jnp.linalg.norm(m.apply(convert(params, stats, STATIC), evalw) - ref))
 
   alphas = sq.search_alpha(m, m.params, calib, cstats.amax(), alphas=(0.0, 0.5, 0.8), progress=False)
-  assert set(alphas) == {f"{b}/{s}" for b in m.block_names for s in ("attn_norm", "mlp_norm", "mlp/up")}
-  smoothed, _ = sq.smooth(m.params, cstats.amax(), alphas)
+  assert set(alphas) == {f"{b}/{s}" for b in m.block_names for s in ("attn_norm", "mlp_norm", "mlp/up", "attn/v")}
+  smoothed, _ = sq.smooth(m.params, cstats.amax(), alphas, model=m)
   # The outlier channels (x40, x15 after both norms) dominate the per-tensor range without smoothing.
   smoothed_stats = calibrate(m, smoothed, calib, STATIC, batch_size=3, progress=False)
   assert static_error(smoothed, smoothed_stats) < 0.6 * static_error(m.params, toy_stats[0])

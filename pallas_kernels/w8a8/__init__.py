@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 
 import jax.numpy as jnp
 
