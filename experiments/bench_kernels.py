@@ -2,12 +2,21 @@
 
 Cases (``--small`` shrinks them for a CPU smoke run):
 
-* W8A8 at M = K = N = 4096 and 8192: the Pallas kernel (weights stored (N, K),
-  the int8 tensor-core operand layout, and as (K, N)), XLA's int8 dot with the
-  same epilogue, and the bf16 XLA matmul.
 * W4A16 at M = 1, 8, 16, 64 with K = N = 8192 (group 128, symmetric): the
-  Pallas kernel with its table blocks and a few alternatives, XLA's
+  Pallas kernel with its table blocks and a sweep (`w4_sweep`: split_k in
+  {2, 4, 8, 16}, bn in {64, 128, 256}, bk in {256, 512, 1024}, 4 or 8 warps,
+  3 or 4 stages; M = 8 and 16 rerun M = 1's eight fastest points; the four
+  fastest points of M = 1 and M = 64 rerun with inline-PTX unpacking), XLA's
   dequantize-then-matmul path, and the bf16 XLA matmul.
+* W8A8 at M = K = N = 4096 and 8192 (settled): the Pallas kernel with its
+  table blocks and one runner-up (weights stored (N, K), the int8 tensor-core
+  operand layout), XLA's int8 dot with the same epilogue (4096 only), and the
+  bf16 XLA matmul.
+
+The report ends with the fastest variant per case and suggested W4A16 table
+entries (``pallas_kernels/w4a16/blocks.py``) for the M <= 16 and M <= 64
+buckets. Each W4A16 case stops its sweep at a share of ``--soft-limit`` (most
+promising points first), so the whole run stays near ``--soft-limit`` seconds.
 
 Every variant is first checked against a float32 XLA reference on random data
 (``rel_err = |out - ref| / |ref|``, Frobenius; W8A8 int32 sums bit for bit).
@@ -102,6 +111,8 @@ class Bench:
     if self.platform == "cpu" and not args.interpret:
       raise SystemExit("bench_kernels: no GPU/TPU here; run with --interpret --small for a smoke test.")
     self.lock = threading.Lock()
+    self.w4_rows: dict = {}  # M -> [(Row, planned WOBlocks)] of finished Pallas W4A16 variants
+    self.case_deadline = float("inf")  # extra variants of the running case stop after this (s)
 
   # --- bookkeeping ----------------------------------------------------------
   def elapsed(self) -> float:
@@ -134,6 +145,9 @@ class Bench:
   def write(self):
     with self.lock:
       text = self.table()
+      best = best_configs(self)
+      if best:
+        text += "\n\nFastest Pallas variant per case:\n" + best
       out = self.out_dir()
       with open(os.path.join(out, "bench_kernels.md"), "w") as f:
         f.write(text + "\n")
@@ -223,7 +237,7 @@ class Bench:
 
   def guarded(self, case, impl, fn):
     """Runs one variant; records the error instead of stopping the benchmark."""
-    if self.elapsed() > self.args.soft_limit and impl.startswith("pallas*"):
+    if impl.startswith("pallas*") and self.elapsed() > min(self.args.soft_limit, self.case_deadline):
       self.add(Row(case, impl, note="skipped (time budget)"))
       return None
     try:
@@ -293,16 +307,16 @@ def bench_w8a8(b: Bench, size: int):
       return w8_ref.int8_matmul(a, w)
     return w8_ref.w8a8_matmul(a, s, w, ws, jnp.bfloat16)
 
-  record("XLA int8 dot + epilogue", xla_int8, wq)
+  if b.args.small or size <= 4096:
+    record("XLA int8 dot + epilogue", xla_int8, wq)
 
   kern = w8_tpu if b.backend == "tpu" else w8_gpu
   configs = [None]
   if b.backend == "gpu" and not b.args.small:
-    configs += [w8_blocks.W8A8Blocks(128, 256, 128, num_warps=8, num_stages=3),
-                w8_blocks.W8A8Blocks(256, 128, 128, num_warps=8, num_stages=3),
-                w8_blocks.W8A8Blocks(128, 256, 64, num_warps=8, num_stages=4),
-                w8_blocks.W8A8Blocks(128, 128, 64, num_warps=4, num_stages=5)]
-  layouts = ["nk", "kn"] if b.backend == "gpu" else ["kn"]
+    # Settled on H200 (1.5x bf16); one runner-up keeps the table honest.
+    configs += [w8_blocks.W8A8Blocks(128, 128, 64, num_warps=4, num_stages=5)]
+  # (K, N) weights lost 5x on H200; they stay in the CPU smoke run only.
+  layouts = ["nk", "kn"] if b.backend == "gpu" and b.args.small else (["nk"] if b.backend == "gpu" else ["kn"])
   for layout in layouts:
     for cfg in (configs if layout == "nk" else [None]):
       def pallas(a, s, w, cfg=cfg, layout=layout):
@@ -379,22 +393,79 @@ def bench_w4a16(b: Bench, m: int, k: int, n: int, group: int = 128):
   base = wo_blocks.table_entry("gpu", _target(b), m)
   variants = [("pallas (table)", None)]
   if not b.args.small:
-    r = dataclasses.replace
-    variants += [
-        ("pallas* bn=128 bk=256 w8", r(base, bn=128, bk=256, num_warps=8)),
-        ("pallas* bn=32", r(base, bn=32)),
-        ("pallas* bn=128 split_k=2", r(base, bn=128, split_k=2)),
-        ("pallas* x_mode=pre", r(base, x_mode="pre")),
-        ("pallas* x_mode=strided", r(base, x_mode="strided")),
-        ("pallas* no fast_convert", r(base, fast_convert=False)),
-        ("pallas* stages=3", r(base, num_stages=3)),
-    ]
+    variants += [(_w4_name(v, base), v) for v in w4_sweep(b, base, m)]
   else:
-    variants += [("pallas* split_k=2 x_mode=pre", dataclasses.replace(base, split_k=2, x_mode="pre"))]
-  for name, blk in variants:
+    variants += [("pallas* split_k=2 x_mode=pre", dataclasses.replace(base, split_k=2, x_mode="pre")),
+                 ("pallas* split_k=8 asm", dataclasses.replace(base, split_k=8, asm_unpack=True))]
+  seen = set()
+
+  def run(name, blk):
     shown = wo_gpu.plan(m, n, layout, jnp.bfloat16, blk)
+    if shown in seen:  # the planner clamps some sweep points onto the same kernel
+      return
+    seen.add(shown)
+    n_rows = len(b.rows)
     record(name, lambda x, p, blk=blk: wo_gpu.weight_only_matmul(x, p[0], p[1], None, layout, interpret=interp,
                                                                  blocks=blk), _fmt_blocks(shown))
+    if len(b.rows) > n_rows and math.isfinite(b.rows[-1].us):
+      b.w4_rows.setdefault(m, []).append((b.rows[-1], shown))
+
+  deadline = b.case_deadline
+  b.case_deadline = deadline - 10.0  # keep time for the inline-PTX reruns below
+  for name, blk in variants:
+    run(name, blk)
+  b.case_deadline = deadline
+  if not b.args.small and not (1 < m <= 16):
+    for blk in _asm_followups(b, m):
+      run(_w4_name(blk, base), blk)
+
+
+def _w4_name(v, base) -> str:
+  diff = [f"{f.name}={getattr(v, f.name)}" for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(base, f.name)]
+  return "pallas* " + (" ".join(diff).replace("num_warps", "w").replace("num_stages", "st") or "table")
+
+
+def w4_sweep(b: Bench, base, m: int):
+  """Sweep points for one M, most promising first (the time budget cuts the tail).
+
+  Small M (one 16-row tile) is a pure weight stream: the sweep varies the
+  programs in flight (``split_k`` x ``N / bn``), the bytes per step (``bk``)
+  and warps/stages (shared memory per program = stages x bk/2 x bn bytes sets
+  how many programs fit on an SM). M = 8 and 16 share M = 1's tile, so they
+  rerun only M = 1's fastest points.
+  """
+  r = dataclasses.replace
+  s = base
+  if m > 1 and m <= 16 and b.w4_rows.get(1):
+    top = sorted((row.us, blk) for row, blk in b.w4_rows[1] if math.isfinite(row.us) and row.rel_err < 2e-2)
+    picks = [blk for _, blk in top[:8]]
+    return [r(s, **{f: getattr(p, f) for f in ("bn", "bk", "split_k", "num_warps", "num_stages", "x_mode",
+                                                "asm_unpack")}) for p in picks]
+  out = [r(s, asm_unpack=True)]
+  if m <= 16:
+    for bk in (256, 512):
+      for sk in ((4, 8, 16) if bk == 256 else (4, 8, 16, 2)):
+        for bn in (128, 64, 256):
+          out.append(r(s, bn=bn, bk=bk, split_k=sk, num_warps=4, num_stages=4 if bk * bn <= 65536 else 3))
+    out += [r(s, bn=64, bk=1024, split_k=sk, num_stages=3) for sk in (4, 8)]
+    out += [r(s, bn=bn, bk=256, split_k=sk, num_warps=8, num_stages=4) for bn in (128, 256) for sk in (4, 8)]
+    out += [r(s, bn=128, bk=512, split_k=sk, num_warps=8, num_stages=3) for sk in (4, 8)]
+    out += [r(s, bn=128, bk=256, split_k=sk, num_stages=3) for sk in (4, 8)]
+  else:
+    for bk in (256, 128):
+      for sk in (4, 2, 8):
+        for bn in (128, 64):
+          out.append(r(s, bn=bn, bk=bk, split_k=sk, num_warps=4, num_stages=4))
+    out += [r(s, bn=128, bk=256, split_k=sk, num_warps=8) for sk in (2, 4)]
+    out += [r(s, bn=bn, bk=256, split_k=4, num_stages=3) for bn in (64, 128)]
+  out += [r(s, x_mode="split")]
+  return out
+
+
+def _asm_followups(b: Bench, m: int):
+  """The fastest non-asm points rerun with inline-PTX unpacking."""
+  rows = sorted((row.us, blk) for row, blk in b.w4_rows.get(m, []) if math.isfinite(row.us) and not blk.asm_unpack)
+  return [dataclasses.replace(blk, asm_unpack=True) for _, blk in rows[:4]]
 
 
 def best_configs(b: Bench) -> str:
@@ -406,7 +477,34 @@ def best_configs(b: Bench) -> str:
     if cands:
       best = min(cands, key=lambda r: r.us)
       out.append(f"- {case}: {best.impl} {best.us:.1f} us (x{best.speedup:.2f}) [{best.config}]")
+  out += suggested_w4_entries(b)
   return "\n".join(out)
+
+
+def suggested_w4_entries(b: Bench) -> list[str]:
+  """Table entries for ``pallas_kernels/w4a16/blocks.py``: per M bucket, the planned blocks with the
+  lowest summed time over the bucket's benchmarked M that ran at all of them (correct results only)."""
+  lines = []
+  for lo, limit in ((0, 16), (16, 64)):
+    ms = sorted(m for m in b.w4_rows if lo < m <= limit and b.w4_rows[m])
+    if not ms:
+      continue
+    times: dict = {}
+    for m in ms:
+      for row, blk in b.w4_rows[m]:
+        if row.rel_err < 2e-2:
+          key = dataclasses.replace(blk, bm=0)  # bm follows M; compare the rest
+          times.setdefault(key, {})[m] = row.us
+    full = {key: sum(t.values()) for key, t in times.items() if len(t) == len(ms)}
+    if not full:
+      continue
+    key = min(full, key=full.get)
+    blk = dataclasses.replace(key, bm=min(max(ms), 128) if limit > 16 else 16)
+    args = ", ".join(f"{f.name}={getattr(blk, f.name)!r}" for f in dataclasses.fields(blk)[3:])
+    per_m = ", ".join(f"M={m}: {times[key][m]:.1f} us" for m in ms)
+    lines.append(f"- suggested sm90 W4A16 entry for M <= {limit} ({per_m}): "
+                 f"({limit}, WOBlocks({blk.bm}, {blk.bn}, {blk.bk}, {args}))")
+  return lines
 
 
 def main(argv=None):
@@ -414,11 +512,12 @@ def main(argv=None):
   p.add_argument("--interpret", action="store_true", help="run the kernels in the Pallas interpreter (CPU)")
   p.add_argument("--small", action="store_true", help="small shapes (smoke test)")
   p.add_argument("--only", choices=["w8a8", "w4a16"], default=None)
-  p.add_argument("--repeats", type=int, default=15, help="timed repetitions (median)")
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--batch-ms", type=float, default=30.0, help="device time per timed repetition")
-  p.add_argument("--time-limit", type=float, default=420.0, help="watchdog: exit with partial results (s)")
-  p.add_argument("--soft-limit", type=float, default=300.0, help="skip extra variants after this (s)")
+  p.add_argument("--repeats", type=int, default=9, help="timed repetitions (median)")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--batch-ms", type=float, default=20.0, help="device time per timed repetition")
+  p.add_argument("--time-limit", type=float, default=200.0, help="watchdog: exit with partial results (s)")
+  p.add_argument("--soft-limit", type=float, default=150.0,
+                 help="skip extra variants after this (s); each W4A16 M gets a share of it")
   p.add_argument("--hbm-tbs", type=float, default=None, help="override HBM bandwidth (TB/s)")
   p.add_argument("--verbose", action="store_true")
   args = p.parse_args(argv)
@@ -432,10 +531,14 @@ def main(argv=None):
         f"{' (interpret)' if args.interpret else ''}", flush=True)
   w8_sizes = (128,) if args.small else (4096, 8192)
   w4_shapes = [(4, 256, 256)] if args.small else [(mm, 8192, 8192) for mm in (1, 8, 16, 64)]
+  # Share of the soft limit by which each W4A16 case ends its sweep (M = 1 sweeps widest).
+  share = {1: 0.42, 8: 0.52, 16: 0.62, 64: 0.90}
   if args.only in (None, "w4a16"):
     for m, k, n in w4_shapes:
+      b.case_deadline = share.get(m, 1.0) * args.soft_limit if args.only is None else float("inf")
       b.guarded(f"W4A16 M={m}", "case", lambda m=m, k=k, n=n: bench_w4a16(b, m, k, n, 128 if k >= 128 else 32))
       b.write()
+  b.case_deadline = float("inf")
   if args.only in (None, "w8a8"):
     for size in w8_sizes:
       b.guarded(f"W8A8 {size}", "case", lambda size=size: bench_w8a8(b, size))
@@ -444,11 +547,6 @@ def main(argv=None):
   text = b.write()
   b.plot()
   print("\n" + text)
-  best = best_configs(b)
-  if best:
-    print("\nFastest Pallas variant per case:\n" + best)
-    with open(os.path.join(b.out_dir(), "bench_kernels.md"), "a") as f:
-      f.write("\nFastest Pallas variant per case:\n" + best + "\n")
   print(f"\nwrote {os.path.join(b.out_dir(), 'bench_kernels.md')} in {b.elapsed():.0f} s", flush=True)
   return b
 

@@ -8,7 +8,7 @@ per shape, in this format.
 Example:
     >>> from pallas_kernels.w4a16 import blocks
     >>> blocks.table_entry("gpu", "sm90", m=8)
-    WOBlocks(bm=16, bn=64, bk=512, sk=128, num_warps=4, num_stages=4, split_k=1, fast_convert=True, x_mode='split')
+    WOBlocks(bm=16, bn=128, bk=512, sk=128, num_warps=4, num_stages=4, split_k=4, fast_convert=True, x_mode='pre', asm_unpack=False)
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ class WOBlocks:
     bk: Contraction per step (logical rows of K).
     sk: GPU only: largest sub-step handled by one dot (a group, or less).
     num_warps, num_stages: Triton launch settings (GPU only).
-    split_k: GPU only: programs sharing one output tile along K (partial sums
-      added by XLA). More programs in flight for small M and N.
+    split_k: GPU only: programs sharing one output tile along K (fp32
+      partial sums added by XLA). For small M the grid is ``N / bn`` tiles,
+      fewer than a GPU has SMs x resident programs; splitting K multiplies the
+      programs in flight (the planner shortens ``bk`` when K is too short).
     fast_convert: GPU only, INT4 with bf16 activations: turn nibbles into
       bf16 with integer ops (``0x4300 | nibble`` is ``128 + nibble``) instead
       of int-to-float conversions, which run at a quarter rate.
@@ -36,6 +38,9 @@ class WOBlocks:
       registers; ``"strided"``: the same with two stride-2 reads; ``"pre"``:
       XLA splits the activations before the call; ``"join"``: the nibbles are
       interleaved back into rows 2j, 2j+1 in registers (one dot).
+    asm_unpack: GPU only, symmetric INT4 with ``fast_convert``: unpack 4 bytes
+      at a time with inline PTX (``prmt``/``lop3``/``fma.bf16x2``) instead of
+      per-element Triton ops. The interpreter runs the equivalent jnp code.
   """
 
   bm: int
@@ -47,12 +52,16 @@ class WOBlocks:
   split_k: int = 1
   fast_convert: bool = True
   x_mode: str = "split"
+  asm_unpack: bool = False
 
 
 # (max M of the bucket, blocks). First bucket with m <= max wins.
 GPU = {
-    "sm90": ((16, WOBlocks(16, 64, 512, 128, num_warps=4, num_stages=4)),
-             (64, WOBlocks(64, 64, 256, 128, num_warps=4, num_stages=4)),
+    # H200, K = N = 8192: split_k=1 left 128 programs on 132 SMs (51 us at M=1, 0.7 TB/s); split_k=2
+    # with bn=128 gave 42.6 us. Wider splits keep several programs per SM; bench_kernels.py sweeps
+    # split_k, bn, bk, warps, stages and prints the entry to put here.
+    "sm90": ((16, WOBlocks(16, 128, 512, 128, num_warps=4, num_stages=4, split_k=4, x_mode="pre")),
+             (64, WOBlocks(64, 128, 256, 128, num_warps=4, num_stages=4, split_k=4, x_mode="pre")),
              (256, WOBlocks(128, 128, 128, 128, num_warps=8, num_stages=3)),
              (None, WOBlocks(128, 256, 64, 64, num_warps=8, num_stages=3))),
     "sm80": ((16, WOBlocks(16, 64, 256, 128, num_warps=4, num_stages=4)),

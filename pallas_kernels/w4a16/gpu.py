@@ -14,7 +14,14 @@ group scale multiplies the ``bm x bn`` partial product, not every weight:
 ``acc += s_g * (x_g @ (c_g - z_g))``. With ``fast_convert`` (bf16
 activations) a nibble becomes the bf16 number ``128 + nibble`` by an OR with
 ``0x4300`` and one packed bf16 subtraction of ``128 + z`` (integer-to-float
-conversions run at a quarter of the ALU rate on Hopper).
+conversions run at a quarter of the ALU rate on Hopper). With ``asm_unpack``
+(symmetric INT4, bf16) one inline-PTX block turns 4 packed bytes into 8 bf16
+weights with 13 instructions (two ``prmt`` byte spreads, ``lop3`` mask-and-OR
+per bf16 pair, one ``fma.bf16x2`` subtracting ``128 + offset`` per pair).
+
+Small M leaves few output tiles (``N / bn``), so ``split_k`` programs share
+one tile along K and write fp32 partial sums that XLA adds afterwards: more
+programs in flight hide the HBM latency that one long K loop per SM cannot.
 
 Example:
     >>> from pallas_kernels.w4a16 import gpu
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +55,52 @@ def _pow2_at_least(n: int, lo: int) -> int:
   return p
 
 
-def _dequant_codes(w, bits: int, dtype, fast: bool, zero):
+def _bf16_bits(v: float) -> int:
+  return int(np.array(v, np.float32).view(np.uint32)) >> 16
+
+
+def _asm_unpack_int4(w, offset: int):
+  """Packed bytes (r, bn) uint8 -> bf16 ``(lo - 128 - offset, hi - 128 - offset)`` via inline PTX.
+
+  Four bytes share one 32-bit register (``pack=4``); ``prmt`` spreads bytes
+  0,1 (2,3) into the two 16-bit halves of a word, ``lop3`` computes
+  ``(word & 0x000F000F) | 0x43004300`` (two bf16 ``128 + nibble``) and one
+  ``fma.rn.bf16x2`` (``x * 1 - (128 + offset)``, exact) removes the offset.
+  The high nibbles take the same path on the word shifted right by 4.
+  (One asm block per plane: Pallas lowers single-result inline asm only.)
+  """
+  nz = _bf16_bits(-(128.0 + offset))
+  nz2 = (nz << 16) | nz
+
+  def plane(shift: bool):
+    src = "sh" if shift else "$2"
+    asm = f"""{{
+  .reg .b32 sh, t0, t1, zr, one, nz;
+  mov.b32 zr, 0;
+  mov.b32 one, 0x3F803F80;
+  mov.b32 nz, 0x{nz2:08X};
+  {"shr.u32 sh, $2, 4;" if shift else ""}
+  prmt.b32 t0, {src}, zr, 0x4140;
+  prmt.b32 t1, {src}, zr, 0x4342;
+  lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+  lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+  fma.rn.bf16x2 $0, t0, one, nz;
+  fma.rn.bf16x2 $1, t1, one, nz;
+}}"""
+    [out] = plgpu.elementwise_inline_asm(asm, args=[w], constraints="=r,=r,r", pack=4,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)])
+    return out
+
+  return plane(False), plane(True)
+
+
+def _dequant_codes(w, bits: int, dtype, fast: bool, zero, asm: bool = False):
   """Packed bytes (r, bn) -> exact ``code - zero`` in ``dtype``: (lo, hi) for INT4, (codes,) otherwise.
 
   ``zero`` is a Python number (symmetric offset) or a (1, bn) int32 row.
   """
+  if bits == 4 and fast and asm and isinstance(zero, int):
+    return _asm_unpack_int4(w, zero)
   if bits == 4 and fast:
     # 0x4300 | n is bf16 128 + n; subtracting 128 + zero in bf16 is exact.
     w16 = w.astype(jnp.int16)
@@ -77,7 +127,7 @@ def _even_odd(x_ref, k0, h0, sk: int, x_mode: str):
 
 
 def _kernel(*refs, bits: int, nk: int, bk: int, sk: int, gs: int, grouped: bool, has_zero: bool,
-            offset: int, fast: bool, k_split: int, x_mode: str):
+            offset: int, fast: bool, k_split: int, x_mode: str, asm: bool = False):
   if has_zero:
     x_ref, w_ref, s_ref, z_ref, o_ref = refs
   else:
@@ -101,7 +151,7 @@ def _kernel(*refs, bits: int, nk: int, bk: int, sk: int, gs: int, grouped: bool,
     if bits == 4:
       h0 = pl.multiple_of(kk * (bk // 2) + j * (sk // 2), sk // 2)
       w = w_ref[pl.ds(h0, sk // 2), :]
-      lo, hi = _dequant_codes(w, bits, dtype, fast, z)
+      lo, hi = _dequant_codes(w, bits, dtype, fast, z, asm)
       if x_mode == "join":
         # Rows 2j and 2j+1 of the tile come from the same byte: interleave them
         # back in registers and multiply with contiguous activations.
@@ -153,6 +203,11 @@ def plan(m: int, n: int, layout: WeightLayout, x_dtype, blocks: blocks_lib.WOBlo
   bk = sk
   while bk * 2 <= b.bk and k_sk % (bk * 2) == 0:
     bk *= 2
+  if b.split_k < 1:
+    raise ValueError(f"WOBlocks.split_k={b.split_k}; allowed: integers >= 1.")
+  # Wide split-K: shorter steps rather than fewer splits when K is short.
+  while bk > sk and k_sk // bk < b.split_k:
+    bk //= 2
   steps = k_sk // bk
   split = max(1, min(b.split_k, steps))
   while steps % split:
@@ -160,8 +215,9 @@ def plan(m: int, n: int, layout: WeightLayout, x_dtype, blocks: blocks_lib.WOBlo
   fast = bool(b.fast_convert and layout.bits == 4 and jnp.dtype(x_dtype) == jnp.bfloat16)
   if b.x_mode not in X_MODES:
     raise ValueError(f"WOBlocks.x_mode={b.x_mode!r}; allowed: {X_MODES}.")
+  asm = bool(b.asm_unpack and fast and layout.bits == 4)
   return dataclasses.replace(b, bm=min(b.bm, _pow2_at_least(m, 16)), bn=min(b.bn, _pow2_at_least(n, 16)),
-                             bk=bk, sk=sk, split_k=split, fast_convert=fast)
+                             bk=bk, sk=sk, split_k=split, fast_convert=fast, asm_unpack=asm)
 
 
 def weight_only_matmul(x, packed, scale, zero_point, layout: WeightLayout, out_dtype=None, *,
@@ -220,7 +276,9 @@ def weight_only_matmul(x, packed, scale, zero_point, layout: WeightLayout, out_d
     out_spec = pl.BlockSpec((None, b.bm, b.bn), lambda i, j, t: (t, i, j))
   kern = functools.partial(_kernel, bits=layout.bits, nk=nk, bk=b.bk, sk=b.sk, gs=gs, grouped=grouped,
                            has_zero=has_zero, offset=int(layout.offset), fast=b.fast_convert, k_split=k_split,
-                           x_mode=x_mode)
+                           x_mode=x_mode,
+                           # The interpreter cannot run PTX; its jnp path computes the same codes.
+                           asm=b.asm_unpack and not has_zero and not interpret)
   out = pl.pallas_call(
       kern,
       out_shape=out_shape,
@@ -232,5 +290,6 @@ def weight_only_matmul(x, packed, scale, zero_point, layout: WeightLayout, out_d
       name=f"jquant_w{layout.bits}a16_gpu",
   )(*args)
   if split > 1:
-    out = out.sum(axis=0).astype(out_dtype)
+    # Slice before the sum: XLA then reads only the m real rows of the fp32 partials.
+    return out[:, :m, :n].sum(axis=0).astype(out_dtype)
   return out[:m, :n]
