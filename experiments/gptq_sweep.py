@@ -26,6 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 KERNELS = r"layers_\d+/(attn|mlp)/\w+/kernel$"
+POSITION_WINDOWS = 4  # evaluation windows the per-position logit errors use (g128 runs)
 
 
 def spec_for(bits, gran, sym):
@@ -48,6 +49,8 @@ def main(argv=None):
   ap.add_argument("--skip-positions", type=int, default=0)
   ap.add_argument("--bits", default="4,3")
   ap.add_argument("--batch-size", type=int, default=8)
+  ap.add_argument("--skip-study", default="1",
+                  help="comma list of skip_positions values also run for GPTQ W3 g128 asym ('' for none)")
   ap.add_argument("--fresh", action="store_true")
   ap.add_argument("--out", default=os.path.join(RESULTS, "gptq_sweep"))
   args = ap.parse_args(argv)
@@ -79,6 +82,12 @@ def main(argv=None):
   def evaluate(params):
     return jeval.perplexity(model, params, evalw, batch_size=args.batch_size, progress=False)[0]
 
+  def positions(params):
+    """Relative logit error at the attention sink (position 0) and averaged over positions 1+."""
+    err = jeval.per_position_error(model, model.params, params, evalw[:POSITION_WINDOWS],
+                                   batch_size=POSITION_WINDOWS)
+    return {"err_pos0": float(err[0]), "err_pos1+": float(err[1:].mean())}
+
   if "float32" not in runs:
     runs["float32"] = {"ppl": evaluate(model.params), "bits": 32.0, "quant_s": 0.0}
     save()
@@ -91,6 +100,8 @@ def main(argv=None):
       q = jax.block_until_ready(jquant.quantize_params(model.params, rules))
       qs = time.perf_counter() - t
       runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs}
+      if gran == "g128":
+        runs[name].update(positions(q))
       save()
     print(name, runs[name], flush=True)
     for act_order in (False, True):
@@ -105,8 +116,23 @@ def main(argv=None):
       qs = time.perf_counter() - t
       runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
                     "loss_ratio": rep.total_loss / rep.total_rtn_loss}
+      if gran == "g128":
+        runs[name].update(positions(q))
       save()
       print(name, runs[name], flush=True)
+  # Attention sink: leave the first positions of each window out of the Hessians.
+  rules = [jquant.Rule(KERNELS, spec_for(3, "g128", False))]
+  for skip in [int(v) for v in args.skip_study.split(",") if v.strip()]:
+    name = run_name("GPTQ", 3, "g128", False) + f" skip{skip}"
+    if name not in runs:
+      t = time.perf_counter()
+      q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
+                                   skip_positions=skip, progress=False, verbose=False, return_report=True)
+      qs = time.perf_counter() - t
+      runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
+                    "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}
+      save()
+    print(name, runs[name], flush=True)
   write_report(cache, args.out, os.cpu_count())
 
 
@@ -138,6 +164,13 @@ def write_report(cache, out, cpus):
         qs = "" if g0 is None else f"{g0['quant_s']:.0f}"
         lines.append(f"| W{bits} | {gran} | {'sym' if sym else 'asym'} | {rtn['ppl']:.3f} | {f(g0)} | {f(g1)} | "
                      f"{rtn['bits']:.3f} | {lr} | {qs} |")
+  lines += ["", f"Logit error ||logits_q - logits_f|| / ||logits_f|| on {POSITION_WINDOWS} evaluation windows: at "
+            "position 0 (the attention sink: windows start without BOS) and averaged over positions 1+ (g128 runs; "
+            "'skipN' = Hessians without the first N positions of each window).", "",
+            "| run | wiki ppl | logit err pos 0 | logit err pos 1+ |", "|---|---:|---:|---:|"]
+  for name, r in runs.items():
+    if "err_pos0" in r:
+      lines.append(f"| {name} | {r['ppl']:.3f} | {r['err_pos0']:.4f} | {r['err_pos1+']:.4f} |")
   with open(out + ".md", "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))

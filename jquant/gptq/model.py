@@ -243,6 +243,7 @@ def _check_options(options):
 
 def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch_size: int = 8,
                    mesh: Optional[Mesh] = None, data_axis: Optional[str] = None, skip_positions: int = 0,
+                   position_weights=None,
                    return_report: bool = False, progress: bool = True, verbose: Optional[bool] = None,
                    **solver_options):
   """GPTQ-quantizes every rule-selected Dense kernel of ``model``, block by block.
@@ -262,6 +263,9 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
       mesh's first axis).
     skip_positions: Leave the first positions of every window out of the
       Hessians (e.g. 1 for an attention sink at position 0).
+    position_weights: Optional non-negative weight per window position
+      ``(T,)`` for the Hessians (``H = 2 sum_t a_t x_t x_t^T / sum_t a_t``),
+      e.g. a larger weight on position 0 to protect the attention sink.
     return_report: Return a `GPTQResult` ``(params, report)`` instead of the
       params alone.
     progress: A tqdm bar over blocks.
@@ -292,6 +296,11 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
   n, length = calib.shape
   if not isinstance(skip_positions, (int, np.integer)) or not 0 <= skip_positions < length:
     raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int in 0..{length - 1}.")
+  if position_weights is not None:
+    position_weights = np.asarray(position_weights, np.float32)
+    if position_weights.shape != (length,) or not np.all(position_weights >= 0) or not position_weights.any():
+      raise ValueError(f"quantize_model: position_weights must be {length} non-negative floats (one per window "
+                       f"position), not all zero; got shape {position_weights.shape}.")
   start = time.perf_counter()
 
   # Fixed batch shape (one compilation); with a mesh, a multiple of the data axis size.
@@ -306,6 +315,8 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
   tokens = np.concatenate([calib, np.repeat(calib[:1], n_pad - n, axis=0)]).astype(np.int32)
   row_real = (np.arange(n_pad) < n).astype(np.float32)
   pos_w = (np.arange(length) >= skip_positions).astype(np.float32)
+  if position_weights is not None:
+    pos_w = pos_w * position_weights
   weights = jnp.asarray(row_real[:, None] * pos_w[None, :])  # (n_pad, T)
   batches = [slice(i, i + bsz) for i in range(0, n_pad, bsz)]
 

@@ -8,7 +8,7 @@ per shape, in this format.
 Example:
     >>> from pallas_kernels.w4a16 import blocks
     >>> blocks.table_entry("gpu", "sm90", m=8)
-    WOBlocks(bm=16, bn=128, bk=512, sk=128, num_warps=4, num_stages=4, split_k=4, fast_convert=True, x_mode='pre', asm_unpack=False)
+    WOBlocks(bm=16, bn=128, bk=256, sk=128, num_warps=4, num_stages=4, split_k=8, fast_convert=True, x_mode='pre', asm_unpack=True)
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ class WOBlocks:
 
 # (max M of the bucket, blocks). First bucket with m <= max wins.
 GPU = {
-    # H200, K = N = 8192: split_k=1 left 128 programs on 132 SMs (51 us at M=1, 0.7 TB/s); split_k=2
-    # with bn=128 gave 42.6 us. Wider splits keep several programs per SM; bench_kernels.py sweeps
-    # split_k, bn, bk, warps, stages and prints the entry to put here.
-    "sm90": ((16, WOBlocks(16, 128, 512, 128, num_warps=4, num_stages=4, split_k=4, x_mode="pre")),
-             (64, WOBlocks(64, 128, 256, 128, num_warps=4, num_stages=4, split_k=4, x_mode="pre")),
+    # H200, K = N = 8192: split_k=1 left 128 programs of 4 warps on 132 SMs (51 us at M=1,
+    # 0.7 TB/s); split_k=2 with bn=128 gave 42.6 us. The pipelined loop keeps num_stages x (bk/2 x bn
+    # weight bytes + bm x bk activations) in shared memory: bk=256, bn=128, 4 stages is ~74 KB, so
+    # 3 programs (12 warps) share an SM, and split_k=8 gives 512 programs. M <= 64: ~92 KB, 2 per SM.
+    # Measured on an H200 (JAX 0.11.2, experiments/results/bench_kernels_h200.md): these entries with
+    # asm_unpack won, 29.5 us at M=1 and 40.6 us at M=64 (1.21x and 1.01x bf16), rel err 1.7e-3.
+    "sm90": ((16, WOBlocks(16, 128, 256, 128, num_warps=4, num_stages=4, split_k=8, x_mode="pre", asm_unpack=True)),
+             (64, WOBlocks(64, 128, 128, 128, num_warps=4, num_stages=3, split_k=4, x_mode="pre", asm_unpack=True)),
              (256, WOBlocks(128, 128, 128, 128, num_warps=8, num_stages=3)),
              (None, WOBlocks(128, 256, 64, 64, num_warps=8, num_stages=3))),
     "sm80": ((16, WOBlocks(16, 64, 256, 128, num_warps=4, num_stages=4)),
