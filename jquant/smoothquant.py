@@ -70,18 +70,6 @@ LLAMA_FOLDS = (
 )
 
 
-def _get(tree, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path: str, value):
-  """A copy of nested dict ``tree`` with ``path`` replaced (structure shared elsewhere)."""
-  k, _, rest = path.partition("/")
-  out = dict(tree)
-  out[k] = _set(tree[k], rest, value) if rest else value
-  return out
 
 
 def smoothing_factors(x_absmax, w_absmax, alpha: float) -> jax.Array:

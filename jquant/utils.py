@@ -29,3 +29,18 @@ def path_str(keypath) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def get_path(tree, path: str):
+  """The node of nested dict ``tree`` at the ``a/b/c`` path."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def set_path(tree, path: str, value):
+  """A copy of nested dict ``tree`` with ``path`` set to ``value`` (other branches shared)."""
+  head, _, rest = path.partition("/")
+  new = dict(tree)
+  new[head] = set_path(tree[head], rest, value) if rest else value
+  return new

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jquant.utils import get_path as _get, set_path as _set
 from jquant.awq import core
 from jquant.capture import capture_inputs
 from jquant.spec import QuantSpec, Rule, first_match
@@ -198,18 +199,6 @@ def architecture(model):
                   "allowed: jquant.models.Model (Llama-style decoders), jquant.models.BertModel.")
 
 
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def _set(tree, path: str, value):
-  """A copy of nested dict ``tree`` with ``path`` set to ``value``."""
-  head, _, rest = path.partition("/")
-  new = dict(tree)
-  new[head] = _set(tree[head], rest, value) if rest else value
-  return new
 
 
 def _kernel(bp, path):

@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jquant.utils import get_path as _get, set_path as _set
 from jquant.capture import capture_inputs
 from jquant.gptq import core
 from jquant.qarray import QArray, quantize
@@ -126,17 +127,6 @@ def _spec_str(spec: QuantSpec) -> str:
   return f"W{spec.bits} {g} {'sym' if spec.symmetric else 'asym'}{' mse' if spec.clip == 'mse' else ''}"
 
 
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def _set(tree, path: str, value):
-  head, _, rest = path.partition("/")
-  new = dict(tree)
-  new[head] = _set(tree[head], rest, value) if rest else value
-  return new
 
 
 def _shared_groups(model, bp, hb) -> list[list[str]]:
