@@ -15,6 +15,8 @@ from jquant.tree import quantize_params, dequantize_params, footprint, Footprint
 from jquant.checkpoint import save, load
 from jquant import packing, ops, utils
 from jquant import capture, data, eval, models  # noqa: A004  (jquant.eval is the evaluation module)
+from jquant import awq, gptq, observers, qat, smoothquant
+from jquant.calibrate import calibrate, convert
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,5 @@ __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
     "Footprint", "is_qarray", "save", "load", "packing", "ops", "utils", "capture", "data", "eval", "models",
+    "awq", "gptq", "observers", "qat", "smoothquant", "calibrate", "convert",
 ]

@@ -40,9 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jquant.utils import get_path as _get, set_path as _set
+
 S_MIN, S_MAX = 1e-5, 1e5  # keeps dead channels (max 0) finite
 
-DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class Fold(NamedTuple):

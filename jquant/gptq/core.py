@@ -50,7 +50,6 @@ from jquant.spec import QuantSpec
 
 _HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
 _SUB_BLOCK = 16  # rows per inner sub-block: rank-1 updates stay in cache
-_UNROLL = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +314,7 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited
 
       init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32), scale, zero, visited)
-      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2, unroll=_UNROLL)
+      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2)
       w1 = w1 - jnp.matmul(lax.dynamic_slice_in_dim(u1, j1, sub, 0).T, err2, precision=_HI)
       err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, 0)
       codes1 = lax.dynamic_update_slice_in_dim(codes1, codes2, j1, 0)
@@ -333,29 +332,52 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
   return codes, scale, (None if sym else zero)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
-                                             "damp_tries", "damp_growth", "mesh", "axis_names"))
-def _solve_jit(w, h, damp, *, spec, block_size, act_order, static_groups, damp_tries, damp_growth,
-               mesh, axis_names):
+class Factor(NamedTuple):
+  """The Hessian side of a solve, shared by every kernel with the same H.
+
+  Attributes:
+    u: Upper factor of the permuted, damped inverse Hessian (``H^-1 = U^T U``).
+    perm: Processing order (original row index per position).
+    dead: Rows whose ``diag(H)`` is 0.
+    ok: Whether some dampening gave a finite factor.
+    damp: The relative dampening used.
+  """
+
+  u: jax.Array
+  perm: jax.Array
+  dead: jax.Array
+  ok: jax.Array
+  damp: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("act_order", "damp_tries", "damp_growth"))
+def factor_hessian(h, damp, *, act_order: bool = False, damp_tries: int = 4, damp_growth: float = 10.0) -> Factor:
+  """Dead-input handling, act-order permutation and the damped inverse factor of ``h`` (K, K)."""
+  h0 = h.astype(jnp.float32)
+  k = h0.shape[0]
+  # Dead inputs (never active in calibration): H[i, i] = 1 and the row zeroed,
+  # as in the paper's reference; they then neither get nor give updates.
+  dead = jnp.diagonal(h0) == 0
+  hf = h0 + jnp.diag(dead.astype(jnp.float32))
+  if act_order:  # largest diag(H) first; ties keep their order
+    perm = jnp.argsort(-jnp.diagonal(hf), stable=True).astype(jnp.int32)
+  else:
+    perm = jnp.arange(k, dtype=jnp.int32)
+  u, ok, d_used = _damped_factor(hf[perm][:, perm], damp, damp_tries, damp_growth)
+  return Factor(u, perm, dead, ok, d_used)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "mesh",
+                                             "axis_names"))
+def _solve_jit(w, h, fac: Factor, *, spec, block_size, act_order, static_groups, mesh, axis_names):
   k = w.shape[0]
   rest = w.shape[1:]
   w0 = w.reshape(k, -1).astype(jnp.float32)
   h0 = h.astype(jnp.float32)
   n = w0.shape[1]
   lay = _layout(k, spec, block_size)
-
-  # Dead inputs (never active in calibration): H[i, i] = 1 and the row zeroed,
-  # as in the paper's reference; they then neither get nor give updates.
-  dead = jnp.diagonal(h0) == 0
-  hf = h0 + jnp.diag(dead.astype(jnp.float32))
+  u, perm, dead = fac.u, fac.perm, fac.dead
   wf = jnp.where(dead[:, None], 0.0, w0)
-
-  if act_order:  # largest diag(H) first; ties keep their order
-    perm = jnp.argsort(-jnp.diagonal(hf), stable=True).astype(jnp.int32)
-  else:
-    perm = jnp.arange(k, dtype=jnp.int32)
-  hp = hf[perm][:, perm]
-  u, ok, d_used = _damped_factor(hp, damp, damp_tries, damp_growth)
   pad = lay.k_pad - k
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(lay.k_pad) >= k).astype(jnp.float32)
   wp = jnp.pad(wf[perm], ((0, pad), (0, 0)))
@@ -405,7 +427,7 @@ def _solve_jit(w, h, damp, *, spec, block_size, act_order, static_groups, damp_t
   loss = _loss(w0, deq, h0)
   p_shape = (1,) * (1 + len(rest)) if spec.granularity == "tensor" else (scale.shape[0],) + rest
   return Solution(codes.reshape((k,) + rest), scale.reshape(p_shape),
-                  None if sym else zero.reshape(p_shape), loss, d_used, ok)
+                  None if sym else zero.reshape(p_shape), loss, fac.damp, fac.ok)
 
 
 def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth):
@@ -439,20 +461,25 @@ def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth):
 
 def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
                 act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
-                damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None) -> Solution:
+                damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None,
+                factor: Optional[Factor] = None) -> Solution:
   """`solve` without packing or error checks on the result: returns a `Solution`.
 
   Usable under an outer ``jax.jit``; inspect ``Solution.ok`` yourself there.
+  ``factor``: a `factor_hessian` of ``hessian`` computed with the same
+  ``damp``, ``act_order`` and retry schedule, to share it between kernels.
   """
   w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth)
   if mesh is not None and axis_names is None:
     axis_names = tuple(mesh.axis_names)
   elif axis_names is not None:
     axis_names = tuple([axis_names] if isinstance(axis_names, str) else axis_names)
-  return _solve_jit(w, h, jnp.float32(damp), spec=spec.replace(axis=0), block_size=int(block_size),
-                    act_order=bool(act_order), static_groups=bool(static_groups),
-                    damp_tries=int(damp_tries), damp_growth=float(damp_growth), mesh=mesh,
-                    axis_names=axis_names)
+  fac = factor
+  if fac is None:
+    fac = factor_hessian(h, jnp.float32(damp), act_order=bool(act_order), damp_tries=int(damp_tries),
+                         damp_growth=float(damp_growth))
+  return _solve_jit(w, h, fac, spec=spec.replace(axis=0), block_size=int(block_size), act_order=bool(act_order),
+                    static_groups=bool(static_groups), mesh=mesh, axis_names=axis_names)
 
 
 def damp_error(damp: float, damp_tries: int, damp_growth: float, where: str = "gptq.solve") -> ValueError:

@@ -344,8 +344,13 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
       sums = {r: core.hessian_init(_get(bp, r)["kernel"].shape[0]) for r in reps}
       for sl in batches:
         sums = hess_step(bp, h[sl], weights[sl], sums, reps=reps)
+      opts = {k: solver_options.get(k, d) for k, d in (("damp", 0.01), ("damp_tries", 4), ("damp_growth", 10.0),
+                                                       ("act_order", False))}
       for g, r in zip(groups, reps):
         hess = core.hessian_finalize(sums[r])
+        # One factorization per Hessian, shared by all its kernels.
+        fac = core.factor_hessian(hess, jnp.float32(opts["damp"]), act_order=bool(opts["act_order"]),
+                                  damp_tries=int(opts["damp_tries"]), damp_growth=float(opts["damp_growth"]))
         # One solve per distinct spec: kernels sharing H and spec go side by side.
         by_spec: dict[QuantSpec, list[str]] = {}
         for p in g:
@@ -358,15 +363,14 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
             w_all = jnp.concatenate([k.reshape(k.shape[0], -1).astype(jnp.float32) for k in kernels], axis=1)
             t0 = time.perf_counter()
             try:
-              sol = core.solve_codes(w_all, hess, spec, mesh=mesh, axis_names=axis_names, **solver_options)
+              sol = core.solve_codes(w_all, hess, spec, mesh=mesh, axis_names=axis_names, factor=fac,
+                                     **solver_options)
             except ValueError as e:
               raise ValueError(f"quantize_model: {name} {part}: {e}") from None
             ok = bool(sol.ok)
             secs = time.perf_counter() - t0
             if not ok:
-              o = {k: solver_options.get(k, d) for k, d in (("damp", 0.01), ("damp_tries", 4),
-                                                            ("damp_growth", 10.0))}
-              raise core.damp_error(o["damp"], o["damp_tries"], o["damp_growth"],
+              raise core.damp_error(opts["damp"], opts["damp_tries"], opts["damp_growth"],
                                     where=f"quantize_model ({name}: {', '.join(part)})")
             offs = np.cumsum([0] + widths)
             qs = _split_pack(sol.codes, sol.scale, sol.zero_point, spec=spec,
