@@ -12,7 +12,8 @@ the runs already there; ``--fresh`` starts over) and written as
 
 Usage:
     python experiments/gptq_sweep.py [--calib-windows 32] [--eval-windows 16] [--length 512]
-                                     [--skip-positions 0] [--bits 4,3] [--fresh]
+                                     [--skip-positions 0] [--bits 4,3] [--skip-study 1]
+                                     [--sink-study 32,512] [--fresh]
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import itertools
 import json
 import os
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -51,6 +54,8 @@ def main(argv=None):
   ap.add_argument("--batch-size", type=int, default=8)
   ap.add_argument("--skip-study", default="1",
                   help="comma list of skip_positions values also run for GPTQ W3 g128 asym ('' for none)")
+  ap.add_argument("--sink-study", default="32,512",
+                  help="comma list of Hessian weights of position 0 also run for GPTQ W3/W4 g128 asym ('' for none)")
   ap.add_argument("--fresh", action="store_true")
   ap.add_argument("--out", default=os.path.join(RESULTS, "gptq_sweep"))
   args = ap.parse_args(argv)
@@ -133,6 +138,22 @@ def main(argv=None):
                     "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}
       save()
     print(name, runs[name], flush=True)
+  # ... or weight position 0 up in them (protecting the sink).
+  for bits in bits_list:
+    rules = [jquant.Rule(KERNELS, spec_for(bits, "g128", False))]
+    for w0 in [float(v) for v in args.sink_study.split(",") if v.strip()]:
+      name = run_name("GPTQ", bits, "g128", False) + f" pos0x{w0:g}"
+      if name not in runs:
+        pw = np.ones(args.length, np.float32)
+        pw[0] = w0
+        t = time.perf_counter()
+        q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
+                                     position_weights=pw, progress=False, verbose=False, return_report=True)
+        qs = time.perf_counter() - t
+        runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
+                      "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}
+        save()
+      print(name, runs[name], flush=True)
   write_report(cache, args.out, os.cpu_count())
 
 
@@ -166,7 +187,8 @@ def write_report(cache, out, cpus):
                      f"{rtn['bits']:.3f} | {lr} | {qs} |")
   lines += ["", f"Logit error ||logits_q - logits_f|| / ||logits_f|| on {POSITION_WINDOWS} evaluation windows: at "
             "position 0 (the attention sink: windows start without BOS) and averaged over positions 1+ (g128 runs; "
-            "'skipN' = Hessians without the first N positions of each window).", "",
+            "'skipN' = Hessians without the first N positions of each window; 'pos0xW' = position 0 weighted W "
+            "times in the Hessians, `position_weights`).", "",
             "| run | wiki ppl | logit err pos 0 | logit err pos 1+ |", "|---|---:|---:|---:|"]
   for name, r in runs.items():
     if "err_pos0" in r:

@@ -18,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -27,6 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 DENSE = r"layers_\d+/(attn|mlp)/\w+/kernel$"
+SECTIONS = ("float", "rtn3", "gptq3", "qat3", "rtn8", "qat8")
 
 
 def _log(msg):
@@ -62,9 +64,13 @@ def main(argv=None):
   ap.add_argument("--heldout-windows", type=int, default=16, help="news windows kept out of training")
   ap.add_argument("--calib-gptq", type=int, default=32, help="calibration windows (512 tokens) for GPTQ")
   ap.add_argument("--no-wiki", action="store_true", help="skip Wikipedia perplexity (tuning on held-out news)")
-  ap.add_argument("--only", default="w3,w8a8")
+  ap.add_argument("--only", default=",".join(SECTIONS),
+                  help="comma-separated sections to run: " + ",".join(SECTIONS) + " (finished ones are skipped)")
+  ap.add_argument("--redo", action="store_true", help="rerun sections whose rows are already stored")
   ap.add_argument("--tag", default="")
-  ap.add_argument("--checkpoint-dir", default="")
+  ap.add_argument("--checkpoint-dir", default="/tmp/qat_smollm2_ckpt",
+                  help="QAT checkpoints every --checkpoint-every steps; an interrupted run resumes from them")
+  ap.add_argument("--checkpoint-every", type=int, default=20)
   args = ap.parse_args(argv)
 
   import jax
@@ -109,18 +115,35 @@ def main(argv=None):
       for i in range(0, len(order) - args.batch + 1, args.batch):
         yield jnp.asarray(train_w[order[i:i + args.batch]])
 
-  rows, curves = [], {}
+  # Rows persist in a JSON file, so sections can run in separate processes and a crash loses one section.
+  store_path = os.path.join(RESULTS, f"qat_smollm2{args.tag}_rows.json")
+  store = {"rows": {}, "conv_diffs": {}}
+  if os.path.exists(store_path):
+    with open(store_path) as f:
+      store = json.load(f)
+  wanted = [x for x in args.only.split(",") if x]
+  bad = [x for x in wanted if x not in SECTIONS]
+  if bad:
+    raise SystemExit(f"--only: unknown sections {bad}; allowed: {SECTIONS}")
 
-  def add(name, bits_label, p, seconds=0.0, steps=0):
+  def save_store():
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(store_path + ".tmp", "w") as f:
+      json.dump(store, f, indent=1)
+    os.replace(store_path + ".tmp", store_path)
+
+  def todo(section, method):
+    return section in wanted and (args.redo or method not in store["rows"])
+
+  def add(section, name, bits_label, p, seconds=0.0, steps=0):
     t = time.perf_counter()
-    r = {"method": name, "bits": bits_label, "held": held_loss(p), "ppl": wiki_ppl(p), "steps": steps,
-         "train_s": seconds, "bpw": jquant.footprint(p).quantized_bits_per_weight if name != "float32" else 32.0}
-    rows.append(r)
+    r = {"section": section, "method": name, "bits": bits_label, "held": held_loss(p), "ppl": wiki_ppl(p),
+         "steps": steps, "train_s": seconds,
+         "bpw": jquant.footprint(p).quantized_bits_per_weight if name != "float32" else 32.0}
+    store["rows"][name] = r
+    save_store()
     _log(f"{name:<28} held-out news loss {r['held']:.4f}  wiki ppl {r['ppl']:.3f}  "
          f"({time.perf_counter() - t:.0f}s eval)")
-    return r
-
-  add("float32", "-", model.params)
 
   def run_qat(name, rules, act_bits, steps, lr_w, lr_s, seed):
     state = qat.init(model.params, rules, act_bits=act_bits)
@@ -128,71 +151,111 @@ def main(argv=None):
     opt = qat.optimizer(weights=optax.adam(sched(lr_w)), scales=optax.adam(sched(lr_s)), other=optax.set_to_zero())
     step = qat.make_train_step(loss_fn, opt)
     ts = qat.init_train_state(model.params, state, opt)
+    del state
     log_path = os.path.join(RESULTS, f"qat_smollm2_loss_{name}{args.tag}.tsv")
-    if os.path.exists(log_path):
-      os.remove(log_path)
-    ckpt = os.path.join(args.checkpoint_dir, name) if args.checkpoint_dir else None
-    ts, log = qat.train(step, ts, batches(seed), num_steps=steps, log_every=5, log_path=log_path,
-                        checkpoint_dir=ckpt, desc=f"QAT {name}")
-    curves[name] = (log.steps, log.losses)
-    _log(f"QAT {name}: {steps} steps in {log.seconds:.0f}s ({log.seconds / max(steps, 1):.1f}s/step incl. compile); "
-         f"first losses {np.round(log.losses[:3], 3).tolist()} last {np.round(log.losses[-3:], 3).tolist()}")
-    packed = qat.convert(ts.params, ts.qat)
+    ckdir = os.path.join(args.checkpoint_dir, name)
+    seconds_path = os.path.join(ckdir, "seconds.json")
+    done, seconds = 0, 0.0
+    ckpts = sorted((int(d.split("_")[1]) for d in os.listdir(ckdir) if d.startswith("step_")),
+                   reverse=True) if os.path.isdir(ckdir) and not args.redo else []
+    if ckpts and ckpts[0] <= steps:
+      done = ckpts[0]
+      ts = qat.load_train_state(os.path.join(ckdir, f"step_{done}"), ts)
+      with open(seconds_path) as f:
+        seconds = json.load(f)[str(done)]
+      _log(f"QAT {name}: resuming from step {done} ({seconds:.0f}s of training so far)")
+    # Keep the loss log consistent with the restored state.
+    old = []
+    if done and os.path.exists(log_path):
+      with open(log_path) as f:
+        old = [l for l in f if int(l.split()[0]) <= done]
+    with open(log_path, "w") as f:
+      f.writelines(old)
+    it = batches(seed)
+    for _ in range(done):
+      next(it)  # the same data order as an uninterrupted run
+    while done < steps:
+      n = min(args.checkpoint_every, steps - done)
+      ts, log = qat.train(step, ts, it, num_steps=n, log_every=5, log_path=log_path, checkpoint_dir=ckdir,
+                          desc=f"QAT {name} steps {done + 1}-{done + n}")
+      done += n
+      seconds += log.seconds
+      prev = {}
+      if os.path.exists(seconds_path):
+        with open(seconds_path) as f:
+          prev = json.load(f)
+      prev[str(done)] = seconds
+      with open(seconds_path, "w") as f:
+        json.dump(prev, f)
+      _log(f"QAT {name}: step {done}/{steps}, {seconds:.0f}s; last losses {np.round(log.losses[-3:], 3).tolist()}")
+    params, qstate = ts.params, ts.qat
+    del ts  # the optimizer state is no longer needed
+    packed = qat.convert(params, qstate)
     # The converted (packed) model against the fake-quantized training model, on held-out news.
-    fq = jax.jit(qat.fake_quantize)(ts.params, ts.qat)
+    fq = jax.jit(qat.fake_quantize)(params, qstate)
     lf = jax.jit(lambda p: model.apply(p, held[:2, :-1]))
     diff = float(jnp.abs(lf(fq) - lf(packed)).max())
+    del fq, params, qstate
     _log(f"QAT {name}: max |logits(converted) - logits(fake-quant)| = {diff:.2e}")
-    return packed, log, diff
+    return packed, seconds, diff
 
-  conv_diffs = {}
-  if "w3" in args.only:
-    spec = jquant.QuantSpec(bits=3, symmetric=args.symmetric, granularity="group", group_size=128, pad_groups=True)
-    rules = [jquant.Rule(DENSE, spec)]
-    label = f"W3 g128 {'sym' if args.symmetric else 'asym'}"
+  if todo("float", "float32"):
+    add("float", "float32", "-", model.params)
+
+  spec = jquant.QuantSpec(bits=3, symmetric=args.symmetric, granularity="group", group_size=128, pad_groups=True)
+  rules = [jquant.Rule(DENSE, spec)]
+  label = f"W3 g128 {'sym' if args.symmetric else 'asym'}"
+  if todo("rtn3", "RTN W3 g128"):
     t = time.perf_counter()
     rtn = jax.jit(lambda p: jquant.quantize_params(p, rules))(model.params)
-    add("RTN W3 g128", label, rtn, time.perf_counter() - t)
+    add("rtn3", "RTN W3 g128", label, rtn, time.perf_counter() - t)
     del rtn
-    if evalw is not None:
-      calib = jquant.data.calibration_windows(tok, args.calib_gptq, length=512)
-      t = time.perf_counter()
-      try:
-        g = _gptq_params(model, model.params, calib, rules)
-      except Exception as e:  # report, do not lose the QAT run
-        _log(f"GPTQ failed: {type(e).__name__}: {e}")
-        g = None
-      if g is not None:
-        add("GPTQ W3 g128", label, g, time.perf_counter() - t)
-        del g
-      else:
-        _log("GPTQ: no model-level entry point in jquant.gptq; row skipped")
-    packed, log, conv_diffs["W3"] = run_qat("w3", rules, None, args.steps_w3, args.lr_weights, args.lr_scales, 0)
-    add("QAT W3 g128 (from RTN)", label, packed, log.seconds, args.steps_w3)
+  if todo("gptq3", "GPTQ W3 g128") and evalw is not None:
+    calib = jquant.data.calibration_windows(tok, args.calib_gptq, length=512)
+    t = time.perf_counter()
+    g = _gptq_params(model, model.params, calib, rules)
+    if g is not None:
+      add("gptq3", "GPTQ W3 g128", label, g, time.perf_counter() - t)
+      del g
+    else:
+      _log("GPTQ: no model-level entry point in jquant.gptq; row skipped")
+  if todo("qat3", "QAT W3 g128 (from RTN)"):
+    packed, secs, store["conv_diffs"]["W3"] = run_qat("w3", rules, None, args.steps_w3, args.lr_weights,
+                                                      args.lr_scales, 0)
+    add("qat3", "QAT W3 g128 (from RTN)", label, packed, secs, args.steps_w3)
     del packed
 
-  if "w8a8" in args.only:
-    spec8 = jquant.QuantSpec(bits=8, granularity="channel")
-    rules8 = [jquant.Rule(DENSE, spec8)]
+  spec8 = jquant.QuantSpec(bits=8, granularity="channel")
+  rules8 = [jquant.Rule(DENSE, spec8)]
+  if todo("rtn8", "RTN W8A8 (per-token dyn.)"):
     t = time.perf_counter()
     # RTN W8A8: int8 per-channel weights, dynamic per-token int8 activations (qat.convert at step 0 is RTN).
     rtn8 = qat.convert(model.params, qat.init(model.params, rules8, act_bits=8))
-    add("RTN W8A8 (per-token dyn.)", "W8A8", rtn8, time.perf_counter() - t)
+    add("rtn8", "RTN W8A8 (per-token dyn.)", "W8A8", rtn8, time.perf_counter() - t)
     del rtn8
-    packed, log, conv_diffs["W8A8"] = run_qat("w8a8", rules8, 8, args.steps_w8a8, args.lr_weights_w8a8,
-                                               args.lr_scales_w8a8, 1)
-    add("QAT W8A8 (from RTN)", "W8A8", packed, log.seconds, args.steps_w8a8)
+  if todo("qat8", "QAT W8A8 (from RTN)"):
+    packed, secs, store["conv_diffs"]["W8A8"] = run_qat("w8a8", rules8, 8, args.steps_w8a8,
+                                                        args.lr_weights_w8a8, args.lr_scales_w8a8, 1)
+    add("qat8", "QAT W8A8 (from RTN)", "W8A8", packed, secs, args.steps_w8a8)
     del packed
 
-  total = time.perf_counter() - t_start
-  _write(args, rows, curves, conv_diffs, total)
-  _log(f"done in {total / 60:.1f} min")
+  order = {"float": 0, "rtn3": 1, "gptq3": 2, "qat3": 3, "rtn8": 4, "qat8": 5}
+  rows = sorted(store["rows"].values(), key=lambda r: order[r["section"]])
+  curves = {}
+  for name in ("w3", "w8a8"):
+    path = os.path.join(RESULTS, f"qat_smollm2_loss_{name}{args.tag}.tsv")
+    if os.path.exists(path):
+      data = np.loadtxt(path, ndmin=2)
+      if len(data):
+        curves[name] = (data[:, 0].astype(int).tolist(), data[:, 1].tolist())
+  _write(args, rows, curves, store["conv_diffs"], time.perf_counter() - t_start)
+  _log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min")
 
 
 def _write(args, rows, curves, conv_diffs, total):
   os.makedirs(RESULTS, exist_ok=True)
   tag = args.tag
-  fp = rows[0]["ppl"]
+  fp = next((r["ppl"] for r in rows if r["method"] == "float32"), float("nan"))
   lines = [
       "# QAT of SmolLM2-135M (W3 g128 and W8A8, from RTN)",
       "",
@@ -208,7 +271,7 @@ def _write(args, rows, curves, conv_diffs, total):
       f"Evaluation: Wikipedia perplexity (`jquant.eval.perplexity`, {args.eval_windows} windows of "
       f"{args.eval_length} tokens, never used in training), plus the loss on the held-out news windows.",
       "",
-      "| method | bits | bits/w (quantized leaves) | QAT steps | train s | held-out news loss | wiki ppl | vs float |",
+      "| method | bits | bits/w (quantized leaves) | QAT steps | quant / train s | held-out news loss | wiki ppl | vs float |",
       "|---|---|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
@@ -218,7 +281,7 @@ def _write(args, rows, curves, conv_diffs, total):
   lines += ["", "Converted (packed QArray / int8 W8A8Weight) model vs the fake-quantized training model, max "
             "|logit difference| on two held-out windows: " +
             ", ".join(f"{k} {v:.2e}" for k, v in conv_diffs.items()) + ".",
-            "", f"Total wall time {total / 60:.1f} min. Loss curves: `qat_smollm2{tag}.png`; per-step logs: "
+            "", f"Wall time of the last invocation {total / 60:.1f} min. Loss curves: `qat_smollm2{tag}.png`; per-step logs: "
             f"`qat_smollm2_loss_*{tag}.tsv`.", ""]
   path = os.path.join(RESULTS, f"qat_smollm2{tag}.md")
   with open(path, "w") as f:

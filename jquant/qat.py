@@ -55,6 +55,8 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -76,7 +78,7 @@ _MIN_SCALE = 1e-8  # learned scales are kept above this after every update
 __all__ = [
     "Quantizer", "QATState", "TrainState", "ActFakeQuant", "ActQuantWeight", "init", "fake_quantize",
     "lsq_fake_quant", "fake_quant_activations", "convert", "param_labels", "optimizer", "init_train_state",
-    "make_train_step", "train", "save_state", "load_state",
+    "make_train_step", "train", "save_state", "load_state", "save_train_state", "load_train_state",
 ]
 
 
@@ -672,16 +674,20 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
           checkpoint_every: Optional[int] = None, desc: str = "QAT") -> tuple[TrainState, TrainLog]:
   """Runs ``num_steps`` steps with a tqdm bar, a loss log and optional checkpoints.
 
+  Steps are numbered from ``ts.step``, so a train state restored with
+  `load_train_state` continues its numbering (and its optimizer schedule).
+
   Args:
     step: From `make_train_step` (without ``has_aux``).
     ts: The starting `TrainState`.
     batches: Iterable of batches (at least ``num_steps``).
     num_steps: Steps to run.
     log_every: Loss fetch / bar update period (a fetch syncs the device).
-    log_path: Optional file; one ``step<TAB>loss`` line per logged step.
-    checkpoint_dir: Optional directory; the QAT state (scales, zero points)
-      and the latent weights are written there with `jquant.save` every
-      ``checkpoint_every`` steps and at the end (``<dir>/step_<n>``).
+    log_path: Optional file; one ``step<TAB>loss`` line per step, appended.
+    checkpoint_dir: Optional directory; the whole train state (latent weights,
+      QAT state, optimizer state, step) is written there with `jquant.save`
+      every ``checkpoint_every`` steps and at the end (``<dir>/step_<n>``;
+      restore with `load_train_state`).
     checkpoint_every: Checkpoint period in steps (default: only at the end).
     desc: Bar label.
 
@@ -692,6 +698,7 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
 
   if num_steps < 0:
     raise ValueError(f"qat.train: num_steps={num_steps!r}; allowed: >= 0.")
+  first = int(ts.step)
   steps, losses = [], []
   pending = []
   log_f = open(log_path, "a") if log_path else None
@@ -708,6 +715,9 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
     if log_f:
       log_f.flush()
 
+  def checkpoint(n):
+    save_train_state(os.path.join(checkpoint_dir, f"step_{n}"), ts)
+
   try:
     it = iter(batches)
     bar = tqdm(range(num_steps), desc=desc)
@@ -717,25 +727,63 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
       except StopIteration:
         raise ValueError(f"qat.train: batches ran out after {i} of num_steps={num_steps} steps.") from None
       ts, loss = step(ts, batch)
-      pending.append((i + 1, loss))
+      pending.append((first + i + 1, loss))
       if (i + 1) % log_every == 0 or i + 1 == num_steps:
         flush()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
       if checkpoint_dir and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < num_steps:
-        save_state(os.path.join(checkpoint_dir, f"step_{i + 1}"), ts.qat, params=ts.params)
+        checkpoint(first + i + 1)
     flush()
     if checkpoint_dir:
-      save_state(os.path.join(checkpoint_dir, f"step_{num_steps}"), ts.qat, params=ts.params)
+      checkpoint(first + num_steps)
   finally:
     if log_f:
       log_f.close()
   return ts, TrainLog(steps, losses, time.perf_counter() - t0)
 
 
+def _save_parts(path, parts: dict, overwrite: bool) -> str:
+  """Each part in its own `jquant.save` directory; the group appears atomically (one rename)."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"qat.save_state: path={path!r} exists; pass overwrite=True to replace it.")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    for name, tree in parts.items():
+      _save(os.path.join(tmp, name), tree)
+    if os.path.exists(path):
+      old = f"{tmp}.old"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def _load_part(path, name, like, fn):
+  part = os.path.join(os.fspath(path), name)
+  if not os.path.isdir(part):
+    raise ValueError(f"qat.{fn}: {os.fspath(path)!r} holds no {name!r}; it was not saved there.")
+  return _load(part, target=like)
+
+
 def save_state(path, state: QATState, *, params=None, overwrite: bool = True) -> str:
-  """Saves the QAT state (and optionally the latent weights) with `jquant.save`."""
-  tree = {"qat": state} if params is None else {"qat": state, "params": params}
-  return _save(path, tree, overwrite=overwrite)
+  """Saves the QAT state (and optionally the latent weights) with `jquant.save`.
+
+  Example:
+    >>> qat.save_state("/tmp/qat_ckpt", state)
+    >>> state2 = qat.load_state("/tmp/qat_ckpt", like=state)
+  """
+  if not isinstance(state, QATState):
+    raise TypeError(f"qat.save_state: state must be a qat.QATState, got {type(state).__name__}.")
+  parts = {"qat": state} if params is None else {"qat": state, "params": params}
+  return _save_parts(path, parts, overwrite)
 
 
 def load_state(path, like: QATState, *, params_like=None):
@@ -743,27 +791,28 @@ def load_state(path, like: QATState, *, params_like=None):
 
   Returns:
     The `QATState`, or ``(state, params)`` when ``params_like`` is given.
-
-  Example:
-    >>> qat.save_state("/tmp/qat_ckpt", state)
-    >>> state2 = qat.load_state("/tmp/qat_ckpt", like=state)
   """
-  raw = _load(path)
-  if not isinstance(raw, dict) or "qat" not in raw:
-    raise ValueError(f"qat.load_state: path={os.fspath(path)!r} holds no QAT state (written by qat.save_state).")
-
-  def restore(part, like_tree, what):
-    # Saved nested dicts flatten in the same (sorted-key) order as the original tree.
-    leaves = jax.tree_util.tree_leaves(part)
-    treedef = jax.tree_util.tree_structure(like_tree)
-    if treedef.num_leaves != len(leaves):
-      raise ValueError(f"qat.load_state: {what} at {os.fspath(path)!r} has {len(leaves)} arrays, "
-                       f"the given structure {treedef.num_leaves}.")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-  state = restore(raw["qat"], like, "the QAT state")
+  state = _load_part(path, "qat", like, "load_state")
   if params_like is None:
     return state
-  if "params" not in raw:
-    raise ValueError(f"qat.load_state: {os.fspath(path)!r} holds no params; pass params_like=None.")
-  return state, restore(raw["params"], params_like, "params")
+  return state, _load_part(path, "params", params_like, "load_state")
+
+
+def save_train_state(path, ts: TrainState, *, overwrite: bool = True) -> str:
+  """Saves a whole `TrainState` (resumable: weights, QAT state, optimizer state, step)."""
+  return _save_parts(path, {"qat": ts.qat, "params": ts.params, "opt_state": ts.opt_state,
+                            "step": {"step": ts.step}}, overwrite)
+
+
+def load_train_state(path, like: TrainState) -> TrainState:
+  """Restores a `TrainState` saved by `save_train_state` or `train`; ``like`` gives the structure.
+
+  Example:
+    >>> ts = qat.load_train_state("/tmp/ckpt/step_40", like=qat.init_train_state(params, state, opt))
+    >>> ts, log = qat.train(step, ts, batches, num_steps=40)          # steps 41..80
+  """
+  return TrainState(_load_part(path, "params", like.params, "load_train_state"),
+                    _load_part(path, "qat", like.qat, "load_train_state"),
+                    _load_part(path, "opt_state", like.opt_state, "load_train_state"),
+                    jnp.asarray(_load_part(path, "step", {"step": like.step}, "load_train_state")["step"],
+                                jnp.int32))

@@ -304,16 +304,15 @@ def test_nnx_split_merge_train_and_convert():
   np.testing.assert_array_equal(np.asarray(deq_model(x)), np.asarray(fq_model(x)))
 
 
-def test_checkpoint_roundtrip_and_train_loop(tmp_path):
+def test_checkpoint_roundtrip_resume_and_train_loop(tmp_path):
   params = _mlp_params(jax.random.key(4))
   state = qat.init(params, [jquant.Rule(r"kernel$",
                                          jquant.QuantSpec(bits=4, symmetric=False, granularity="group",
                                                           group_size=16))])
-  opt = qat.optimizer(weights=optax.adam(1e-3), scales=optax.adam(1e-2))
+  opt = qat.optimizer(weights=optax.adam(optax.linear_schedule(1e-3, 1e-4, 6)), scales=optax.adam(1e-2))
   step = qat.make_train_step(lambda p, b: jnp.mean((_mlp(p, b[0]) - b[1]) ** 2), opt)
-  ts = qat.init_train_state(params, state, opt)
-  batch = _data(params)
-  ts, log = qat.train(step, ts, iter(lambda: batch, None), num_steps=6, log_every=2,
+  batches = [_data(params, seed=40 + i) for i in range(6)]
+  ts, log = qat.train(step, qat.init_train_state(params, state, opt), iter(batches), num_steps=6, log_every=2,
                       log_path=str(tmp_path / "loss.tsv"), checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=3)
   assert log.steps == [1, 2, 3, 4, 5, 6] and len(log.losses) == 6
   assert len((tmp_path / "loss.tsv").read_text().splitlines()) == 6
@@ -321,8 +320,16 @@ def test_checkpoint_roundtrip_and_train_loop(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves((st, pr)), jax.tree_util.tree_leaves((ts.qat, ts.params))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert st.quantizers["fc1/kernel"].spec == ts.qat.quantizers["fc1/kernel"].spec
-  mid = qat.load_state(tmp_path / "ck" / "step_3", ts.qat)
-  assert isinstance(mid, qat.QATState)
+  # Resuming from step 3 (optimizer state and schedule included) reproduces the uninterrupted run.
+  like = qat.init_train_state(params, state, opt)
+  mid = qat.load_train_state(tmp_path / "ck" / "step_3", like)
+  assert int(mid.step) == 3
+  resumed, log2 = qat.train(step, mid, iter(batches[3:]), num_steps=3, log_every=3)
+  assert log2.steps == [4, 5, 6]
+  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(ts)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  qat.save_state(tmp_path / "only_state", ts.qat)
+  assert isinstance(qat.load_state(tmp_path / "only_state", ts.qat), qat.QATState)
 
 
 def test_errors_name_the_argument():

@@ -90,6 +90,7 @@ def hessian_update(state: HessianState, x, weights=None) -> HessianState:
   return HessianState(xtx, state.count + n)
 
 
+@jax.jit
 def hessian_finalize(state: HessianState) -> jax.Array:
   """``H = 2/N sum x x^T`` (all zeros if no row was added)."""
   return state.xtx * (2.0 / jnp.maximum(state.count, 1.0))
