@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -187,6 +188,9 @@ def main(argv=None):
       prev[str(done)] = seconds
       with open(seconds_path, "w") as f:
         json.dump(prev, f)
+      for d in os.listdir(ckdir):  # keep only the newest checkpoint (each holds weights + Adam state)
+        if d.startswith("step_") and d != f"step_{done}":
+          shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
       _log(f"QAT {name}: step {done}/{steps}, {seconds:.0f}s; last losses {np.round(log.losses[-3:], 3).tolist()}")
     params, qstate = ts.params, ts.qat
     del ts  # the optimizer state is no longer needed
