@@ -55,7 +55,8 @@ def main(argv=None):
   ap.add_argument("--skip-study", default="1",
                   help="comma list of skip_positions values also run for GPTQ W3 g128 asym ('' for none)")
   ap.add_argument("--sink-study", default="32,512",
-                  help="comma list of Hessian weights of position 0 also run for GPTQ W3/W4 g128 asym ('' for none)")
+                  help="comma list of Hessian weights of position 0 also run for GPTQ W3/W4 g128 asym act-order "
+                       "('' for none)")
   ap.add_argument("--fresh", action="store_true")
   ap.add_argument("--out", default=os.path.join(RESULTS, "gptq_sweep"))
   args = ap.parse_args(argv)
@@ -142,13 +143,14 @@ def main(argv=None):
   for bits in bits_list:
     rules = [jquant.Rule(KERNELS, spec_for(bits, "g128", False))]
     for w0 in [float(v) for v in args.sink_study.split(",") if v.strip()]:
-      name = run_name("GPTQ", bits, "g128", False) + f" pos0x{w0:g}"
+      name = run_name("GPTQ", bits, "g128", False, True) + f" pos0x{w0:g}"
       if name not in runs:
         pw = np.ones(args.length, np.float32)
         pw[0] = w0
         t = time.perf_counter()
         q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
-                                     position_weights=pw, progress=False, verbose=False, return_report=True)
+                                     position_weights=pw, act_order=True, progress=False, verbose=False,
+                                     return_report=True)
         qs = time.perf_counter() - t
         runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
                       "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}

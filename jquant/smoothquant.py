@@ -44,7 +44,7 @@ from jquant.utils import get_path as _get, set_path as _set
 
 S_MIN, S_MAX = 1e-5, 1e5  # keeps dead channels (max 0) finite
 
-DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # a grid up to 1.0 scored better per layer, worse end to end
 
 
 class Fold(NamedTuple):
