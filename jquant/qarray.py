@@ -223,15 +223,28 @@ def _mse_scale_zero(g, lo, hi, spec: QuantSpec):
     deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero)
     return jnp.sum(jnp.abs(deq - g) ** spec.mse_norm, axis=1, keepdims=True)
 
+  best_p = grid_search(err_for, shrinks, lo.shape)
+  return _range_to_scale_zero(lo * best_p, hi * best_p, spec)
+
+
+def grid_search(err_fn, grid, shape):
+  """Elementwise argmin over a 1-D grid: for each entry of ``shape``, the grid
+  value ``p`` with the least ``err_fn(p)`` (the first one on ties; 1.0 if every
+  error is infinite). One `lax.scan`, so memory stays at one candidate.
+
+  Example:
+    >>> best = grid_search(lambda p: (x - p) ** 2, jnp.linspace(0, 1, 11), x.shape)
+  """
+
   def body(carry, p):
     best_err, best_p = carry
-    err = err_for(p)
+    err = err_fn(p)
     better = err < best_err
     return (jnp.where(better, err, best_err), jnp.where(better, p, best_p)), None
 
-  init = (jnp.full(lo.shape, jnp.inf, jnp.float32), jnp.ones(lo.shape, jnp.float32))
-  (_, best_p), _ = jax.lax.scan(body, init, shrinks)
-  return _range_to_scale_zero(lo * best_p, hi * best_p, spec)
+  init = (jnp.full(shape, jnp.inf, jnp.float32), jnp.ones(shape, jnp.float32))
+  (_, best), _ = jax.lax.scan(body, init, grid)
+  return best
 
 
 def _group_scale_zero(g, spec: QuantSpec):

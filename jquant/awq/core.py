@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jquant.qarray import expand_to_groups, fake_quant
+from jquant.qarray import expand_to_groups, fake_quant, grid_search
 from jquant.spec import QuantSpec
 
 SCALE_FLOOR = 1e-4  # smallest scale before normalization; keeps zero channels finite
@@ -327,14 +327,7 @@ def search_clip(kernel, x, spec: QuantSpec, *, n_grid: int = 20, max_shrink: flo
     out = jnp.einsum("gln,glo->gno", xg, _groups(q, length))
     return jnp.mean(jnp.square(out - ref), axis=1)  # (G, out)
 
-  def body(carry, p):
-    best_err, best_p = carry
-    err = err_for(p)
-    better = err < best_err
-    return (jnp.where(better, err, best_err), jnp.where(better, p, best_p)), None
-
-  init = (jnp.full(lo0.shape, jnp.inf, jnp.float32), jnp.ones(lo0.shape, jnp.float32))
-  (_, best), _ = jax.lax.scan(body, init, shrinks)
+  best = grid_search(err_for, shrinks, lo0.shape)
   return ClipRange(lo0 * best, hi0 * best, best)
 
 
