@@ -16,9 +16,9 @@ KERNELS = r"layers_\d+/(attn|mlp)/\w+/kernel$"
 SOLVER = dict(act_order=True)  # contiguous groups: no permutation at inference (see jquant.gptq.solve)
 
 
-def demo_rows(model, params, calib, evalw):
+def demo_rows(model, params, calib, evalw, args=None):
   """Rows {"method", "params", "quant_seconds"} for experiments/demo.py."""
-  del evalw
+  del evalw, args
   import jax
   import jquant
   from jquant import gptq

@@ -28,9 +28,9 @@ def rtn_specs():
   ]
 
 
-def demo_rows(model, params, calib, evalw):
+def demo_rows(model, params, calib, evalw, args=None):
   """Rows {"method", "params", "quant_seconds"} for experiments/demo.py (RTN needs no data)."""
-  del model, calib, evalw
+  del model, calib, evalw, args
   import jax
   import jquant
   rows = []

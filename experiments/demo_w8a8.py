@@ -30,8 +30,8 @@ def smoothquant(model, params, calib, *, search_windows: int = 4, progress: bool
   return smoothed
 
 
-def demo_rows(model, params, calib, evalw):
-  del evalw  # rows are evaluated by the demo driver
+def demo_rows(model, params, calib, evalw, args=None):
+  del evalw, args  # rows are evaluated by the demo driver
   t = time.perf_counter()
   dyn = convert(params, None, DYNAMIC)
   t_dyn = time.perf_counter() - t

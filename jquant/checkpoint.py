@@ -1,4 +1,4 @@
-"""Atomic Orbax checkpoints of trees holding `QArray` s: `save` and `load`.
+"""Atomic Orbax checkpoints of trees holding `QArray` s (and W8A8 weights): `save` and `load`.
 
 A checkpoint is a directory with ``jquant.json`` (format marker, tree layout,
 each QArray's spec and metadata) and ``arrays/`` (an Orbax PyTree checkpoint
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jquant.ops import W8A8Weight
 from jquant.qarray import QArray
 from jquant.spec import QuantSpec
 
@@ -51,6 +52,26 @@ def _to_pure(tree):
   return to_pure() if callable(to_pure) else tree
 
 
+def _is_stored_node(x) -> bool:
+  # Nodes stored as one entry, so that `load` rebuilds them without a target.
+  return isinstance(x, (QArray, W8A8Weight))
+
+
+def _put_qarray(arrays: dict, name: str, q: QArray) -> dict:
+  arrays[f"{name}_qvalue"] = q.qvalue
+  arrays[f"{name}_scale"] = q.scale
+  if q.zero_point is not None:
+    arrays[f"{name}_zero_point"] = q.zero_point
+  return {"spec": dataclasses.asdict(q.spec), "size": q.size, "axis": q.axis, "dtype": np.dtype(q.dtype).name,
+          "has_zero_point": q.zero_point is not None}
+
+
+def _get_qarray(arrays: dict, name: str, e: dict) -> QArray:
+  zp = jnp.asarray(arrays[f"{name}_zero_point"]) if e["has_zero_point"] else None
+  return QArray(jnp.asarray(arrays[f"{name}_qvalue"]), jnp.asarray(arrays[f"{name}_scale"]), zp,
+                QuantSpec(**e["spec"]), e["size"], e["axis"], np.dtype(jnp.dtype(e["dtype"])))
+
+
 def save(path, tree, *, overwrite: bool = False) -> str:
   """Saves ``tree`` (arrays, QArrays, nested dicts/lists, NNX state) atomically.
 
@@ -66,18 +87,18 @@ def save(path, tree, *, overwrite: bool = False) -> str:
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"save: path={path!r} exists; pass overwrite=True to replace it.")
   tree = _to_pure(tree)
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stored_node)[0]
   arrays, entries = {}, []
   for i, (keypath, leaf) in enumerate(leaves):
     keys = [_encode_key(k) for k in keypath]
     if isinstance(leaf, QArray):
-      arrays[f"l{i}_qvalue"] = leaf.qvalue
-      arrays[f"l{i}_scale"] = leaf.scale
-      if leaf.zero_point is not None:
-        arrays[f"l{i}_zero_point"] = leaf.zero_point
-      entries.append({"keys": keys, "kind": "qarray", "spec": dataclasses.asdict(leaf.spec),
-                      "size": leaf.size, "axis": leaf.axis, "dtype": np.dtype(leaf.dtype).name,
-                      "has_zero_point": leaf.zero_point is not None})
+      entries.append({"keys": keys, "kind": "qarray", **_put_qarray(arrays, f"l{i}", leaf)})
+    elif isinstance(leaf, W8A8Weight):
+      entry = {"keys": keys, "kind": "w8a8", **_put_qarray(arrays, f"l{i}", leaf.weight),
+               "static": leaf.act_scale is not None}
+      if leaf.act_scale is not None:
+        arrays[f"l{i}_act_scale"] = jnp.asarray(leaf.act_scale)
+      entries.append(entry)
     elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
       arrays[f"l{i}"] = jnp.asarray(leaf)
       entries.append({"keys": keys, "kind": "array"})
@@ -85,7 +106,7 @@ def save(path, tree, *, overwrite: bool = False) -> str:
       entries.append({"keys": keys, "kind": "python", "value": leaf})
     else:
       raise TypeError(f"save: leaf at {keys} has unsupported type {type(leaf).__name__}; allowed: "
-                      "jax/numpy arrays, QArray, and Python scalars.")
+                      "jax/numpy arrays, QArray, jquant.ops.W8A8Weight and Python scalars.")
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -162,16 +183,16 @@ def load(path, target=None):
   leaves = []
   for i, e in enumerate(meta["leaves"]):
     if e["kind"] == "qarray":
-      spec = QuantSpec(**e["spec"])
-      zp = jnp.asarray(arrays[f"l{i}_zero_point"]) if e["has_zero_point"] else None
-      leaves.append(QArray(jnp.asarray(arrays[f"l{i}_qvalue"]), jnp.asarray(arrays[f"l{i}_scale"]), zp, spec,
-                           e["size"], e["axis"], np.dtype(jnp.dtype(e["dtype"]))))
+      leaves.append(_get_qarray(arrays, f"l{i}", e))
+    elif e["kind"] == "w8a8":
+      act_scale = jnp.asarray(arrays[f"l{i}_act_scale"]) if e["static"] else None
+      leaves.append(W8A8Weight(_get_qarray(arrays, f"l{i}", e), act_scale))
     elif e["kind"] == "array":
       leaves.append(jnp.asarray(arrays[f"l{i}"]))
     else:
       leaves.append(e["value"])
   if target is not None:
-    treedef = jax.tree_util.tree_structure(_to_pure(target), is_leaf=lambda x: isinstance(x, QArray))
+    treedef = jax.tree_util.tree_structure(_to_pure(target), is_leaf=_is_stored_node)
     if treedef.num_leaves != len(leaves):
       raise ValueError(f"load: target has {treedef.num_leaves} leaves but the checkpoint holds {len(leaves)}.")
     restored = jax.tree_util.tree_unflatten(treedef, leaves)

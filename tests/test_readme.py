@@ -21,3 +21,45 @@ def test_quickstart_runs_as_written():
   assert scope["q"].qvalue.shape == (256, 256)
   assert float(scope["err"]) <= float(scope["q"].scale.max()) / 2 * 1.0001
   assert scope["y"].shape == (2, 256)
+
+
+def _run_section(section: str, tmp_path, monkeypatch) -> dict:
+  blocks = _python_blocks(section)
+  assert len(blocks) == 1, f"README section {section!r} should hold one python example, has {len(blocks)}"
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(compile(blocks[0], f"README {section}", "exec"), scope)
+  return scope
+
+
+def test_gptq_example_runs(tmp_path, monkeypatch):
+  import jquant
+  s = _run_section("GPTQ (`jquant.gptq`)", tmp_path, monkeypatch)
+  k = s["qparams"]["layers_0"]["mlp"]["down"]["kernel"]
+  assert isinstance(k, jquant.QArray) and k.bits == 4
+
+
+def test_awq_example_runs(tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  s = _run_section("AWQ: activation-aware scaling and clipping (`jquant.awq`)", tmp_path, monkeypatch)
+  m, calib, ref = s["m"], s["calib"], s["ref"]
+  mse = lambda p: float(jnp.mean((m.apply(p, calib) - ref) ** 2))
+  assert mse(s["qparams"]) < mse(s["jquant"].quantize_params(m.params, s["rules"]))  # AWQ beats RTN here
+
+
+def test_w8a8_example_runs(tmp_path, monkeypatch):
+  from jquant.ops import W8A8Weight
+  s = _run_section("W8A8: dynamic and static INT8 activations, observers, SmoothQuant", tmp_path, monkeypatch)
+  assert isinstance(s["served"]["layers_0"]["attn"]["q"]["kernel"], W8A8Weight)
+  assert s["fq"].total_bytes < 0.5 * s["fp"].total_bytes
+
+
+def test_qat_example_runs(tmp_path, monkeypatch):
+  s = _run_section("Quantization-aware training (`jquant.qat`)", tmp_path, monkeypatch)
+  assert s["log"].losses[-1] < s["log"].losses[0]
+
+
+def test_models_example_runs(tmp_path, monkeypatch, capsys):
+  s = _run_section("Models, data and evaluation", tmp_path, monkeypatch)
+  assert s["ppl"] < 30 and s["n"] == 4 * 255
+  assert capsys.readouterr().out.startswith(" Paris")

@@ -135,10 +135,15 @@ def test_calibrate_convert_save_load_serve(toy, toy_stats, tmp_path):
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
   assert rel < 0.5, rel  # loose: the toy has x40 outlier channels by construction (see the SmoothQuant tests)
 
+  # Static and dynamic layers in one tree; load rebuilds the W8A8Weight wrappers with or without a target.
+  qparams["layers_1"]["mlp"]["down"]["kernel"] = W8A8Weight(qparams["layers_1"]["mlp"]["down"]["kernel"].weight)
+  out = jax.jit(m.apply)(qparams, evalw)
   path = jquant.save(tmp_path / "w8a8", qparams)
-  restored = jquant.load(path, target=qparams)  # the target gives back the W8A8Weight wrappers
-  assert isinstance(restored["layers_0"]["attn"]["q"]["kernel"], W8A8Weight)
-  np.testing.assert_array_equal(np.asarray(jax.jit(m.apply)(restored, evalw)), np.asarray(out))
+  for restored in (jquant.load(path, target=qparams), jquant.load(path)):
+    q = restored["layers_0"]["attn"]["q"]["kernel"]
+    assert isinstance(q, W8A8Weight) and float(q.act_scale) == float(k.act_scale)
+    assert restored["layers_1"]["mlp"]["down"]["kernel"].act_scale is None
+    np.testing.assert_array_equal(np.asarray(jax.jit(m.apply)(restored, evalw)), np.asarray(out))
 
 
 def test_dynamic_needs_no_stats_and_mixes_with_static(toy, toy_stats):
