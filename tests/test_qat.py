@@ -248,6 +248,18 @@ class _LinenMLP(nn.Module):
     return nn.Dense(16)(jax.nn.gelu(nn.Dense(48)(x)))
 
 
+def _train_mlp(loss_fn, opt, params, state, batch, steps=40):
+  """Trains on one batch; the loss must go down. Returns the final train state."""
+  step = qat.make_train_step(loss_fn, opt)
+  ts = qat.init_train_state(params, state, opt)
+  losses = []
+  for _ in range(steps):
+    ts, l = step(ts, batch)
+    losses.append(float(l))
+  assert losses[-1] < losses[0]
+  return ts
+
+
 def test_linen_params_train_and_convert():
   model = _LinenMLP()
   x = jax.random.normal(jax.random.key(0), (64, 32))
@@ -257,13 +269,7 @@ def test_linen_params_train_and_convert():
   assert sorted(state.quantizers) == ["Dense_0/kernel", "Dense_1/kernel"]
   loss_fn = lambda p, b: jnp.mean((model.apply({"params": p}, b[0]) - b[1]) ** 2)
   opt = qat.optimizer(weights=optax.adam(3e-3), scales=optax.adam(3e-3))
-  step = qat.make_train_step(loss_fn, opt)
-  ts = qat.init_train_state(params, state, opt)
-  losses = []
-  for _ in range(40):
-    ts, l = step(ts, (x, y))
-    losses.append(float(l))
-  assert losses[-1] < losses[0]
+  ts = _train_mlp(loss_fn, opt, params, state, (x, y))
   deq = jquant.dequantize_params(qat.convert(ts.params, ts.qat))
   np.testing.assert_array_equal(np.asarray(model.apply({"params": deq}, x)),
                                 np.asarray(model.apply({"params": qat.fake_quantize(ts.params, ts.qat)}, x)))
@@ -290,13 +296,7 @@ def test_nnx_split_merge_train_and_convert():
     return jnp.mean((nnx.merge(graphdef, p)(b[0]) - b[1]) ** 2)
 
   opt = qat.optimizer(weights=optax.adam(3e-3), scales=optax.adam(3e-3))
-  step = qat.make_train_step(loss_fn, opt)
-  ts = qat.init_train_state(params, state, opt)
-  losses = []
-  for _ in range(40):
-    ts, l = step(ts, (x, y))
-    losses.append(float(l))
-  assert losses[-1] < losses[0]
+  ts = _train_mlp(loss_fn, opt, params, state, (x, y))
   assert isinstance(ts.params, nnx.State)
   packed = qat.convert(ts.params, ts.qat)
   fq_model = nnx.merge(graphdef, qat.fake_quantize(ts.params, ts.qat))

