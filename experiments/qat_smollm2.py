@@ -12,7 +12,7 @@ Writes ``experiments/results/qat_smollm2.md`` (table), ``qat_smollm2.png``
 (training loss curves) and ``qat_smollm2_loss_*.tsv`` (loss logs).
 
 Usage:
-    python experiments/qat_smollm2.py [--steps-w3 80] [--steps-w8a8 20] [--seq-len 128] [--batch 4]
+    python experiments/qat_smollm2.py [--steps-w3 280] [--steps-w8a8 60] [--seq-len 128] [--batch 4]
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _gptq_params(model, params, calib, rules):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps-w3", type=int, default=80)
-  ap.add_argument("--steps-w8a8", type=int, default=20)
+  ap.add_argument("--steps-w3", type=int, default=280)
+  ap.add_argument("--steps-w8a8", type=int, default=60)
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--lr-weights", type=float, default=1e-4)
@@ -71,7 +71,7 @@ def main(argv=None):
   ap.add_argument("--tag", default="")
   ap.add_argument("--checkpoint-dir", default="/tmp/qat_smollm2_ckpt",
                   help="QAT checkpoints every --checkpoint-every steps; an interrupted run resumes from them")
-  ap.add_argument("--checkpoint-every", type=int, default=20)
+  ap.add_argument("--checkpoint-every", type=int, default=50)
   args = ap.parse_args(argv)
 
   import jax

@@ -50,6 +50,7 @@ from jquant.spec import QuantSpec
 
 _HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
 _SUB_BLOCK = 16  # rows per inner sub-block: rank-1 updates stay in cache
+_COL_CHUNK = 1024  # output columns per solve call on one device: a block's rows stay in cache (3x at 4096)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,9 +262,8 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
   zero0 = jnp.zeros_like(scale0) if sym else zero0
   visited0 = jnp.arange(n_groups + 1) >= (n_groups if dynamic else 0)
 
-  def block_body(bi, carry):
+  def block_body(i1, carry):
     w_all, codes, scale, zero, visited = carry
-    i1 = bi * blk
     w1 = lax.dynamic_slice_in_dim(w_all, i1, blk, 0)
     u_rows = lax.dynamic_slice_in_dim(u, i1, blk, 0)  # (blk, k_pad)
     u1 = lax.dynamic_slice_in_dim(u_rows, i1, blk, 1)  # (blk, blk)
@@ -272,7 +272,7 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
       w1, err1, codes1, scale, zero, visited = c
       j1 = si * sub
       w2 = lax.dynamic_slice_in_dim(w1, j1, sub, 0)
-      u_sub_rows = lax.dynamic_slice_in_dim(u_rows, i1 + j1, sub, 0)  # (sub, k_pad)
+      u_sub_rows = lax.dynamic_slice_in_dim(u, i1 + j1, sub, 0)  # (sub, k_pad)
       u2 = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(u1, j1, sub, 0), j1, sub, 1)
 
       def current_rows(pos, err2):
@@ -300,22 +300,34 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         g0 = gidx[i1 + j1]
         scale, zero, visited = lax.cond(visited[g0], lambda a: a, group_init(g0, None), (scale, zero, visited))
 
+      # Group parameters change inside the row loop only when a group can start at any row; otherwise they
+      # stay out of its carry (a carried (G, N) array costs a copy per row on CPU).
+      params_in_loop = dynamic and not aligned
+
       def col_body(i, c2):
-        w2, err2, codes2, scale, zero, visited = c2
-        g = gidx[i1 + j1 + i]
-        if dynamic and not aligned:
-          scale, zero, visited = lax.cond(visited[g], lambda a: a, group_init(g, err2), (scale, zero, visited))
+        if params_in_loop:
+          w2, err2, codes2, scale_, zero_, visited_ = c2
+          g = gidx[i1 + j1 + i]
+          scale_, zero_, visited_ = lax.cond(visited_[g], lambda a: a, group_init(g, err2),
+                                             (scale_, zero_, visited_))
+        else:
+          (w2, err2, codes2), scale_, zero_ = c2, scale, zero
+          g = gidx[i1 + j1 + i]
         x = w2[i]
-        s, z = scale[g][None], None if sym else zero[g][None]
+        s, z = scale_[g][None], None if sym else zero_[g][None]
         c, _, _ = quantize_values(x[None], chan, scale=s, zero_point=z)
         cf = c[0].astype(jnp.float32)
         q = cf * s[0] if sym else (cf - z[0]) * s[0]
         e = (x - q) / u2[i, i]
         w2 = w2 - u2[i][:, None] * e[None, :]  # u2 is upper: earlier rows untouched
-        return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited
+        out = (w2, err2.at[i].set(e), codes2.at[i].set(c[0]))
+        return out + (scale_, zero_, visited_) if params_in_loop else out
 
-      init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32), scale, zero, visited)
-      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2)
+      init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32))
+      if params_in_loop:
+        _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2 + (scale, zero, visited))
+      else:
+        _, err2, codes2 = lax.fori_loop(0, sub, col_body, init2)
       w1 = w1 - jnp.matmul(lax.dynamic_slice_in_dim(u1, j1, sub, 0).T, err2, precision=_HI)
       err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, 0)
       codes1 = lax.dynamic_update_slice_in_dim(codes1, codes2, j1, 0)
@@ -323,13 +335,18 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
 
     init1 = (w1, jnp.zeros((blk, n), jnp.float32), jnp.zeros((blk, n), jnp.int32), scale, zero, visited)
     _, err1, codes1, scale, zero, visited = lax.fori_loop(0, blk // sub, sub_body, init1)
-    # Lazy batch update of all later rows (earlier rows of u_rows are zero).
-    w_all = w_all - jnp.matmul(u_rows.T, err1, precision=_HI)
+    # Lazy batch update of the rows after this block only (``i1`` is static: the
+    # block loop is unrolled so this slice shrinks, half the work of a full update).
+    i2 = i1 + blk
+    if i2 < k_pad:
+      w_all = w_all.at[i2:].add(-jnp.matmul(u[i1:i2, i2:].T, err1, precision=_HI))
     codes = lax.dynamic_update_slice_in_dim(codes, codes1, i1, 0)
     return w_all, codes, scale, zero, visited
 
-  init = (w, jnp.zeros((k_pad, n), jnp.int32), scale0, zero0, visited0)
-  _, codes, scale, zero, _ = lax.fori_loop(0, k_pad // blk, block_body, init)
+  carry = (w, jnp.zeros((k_pad, n), jnp.int32), scale0, zero0, visited0)
+  for i1 in range(0, k_pad, blk):
+    carry = block_body(i1, carry)
+  _, codes, scale, zero, _ = carry
   return codes, scale, (None if sym else zero)
 
 
@@ -479,8 +496,22 @@ def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: flo
   if fac is None:
     fac = factor_hessian(h, jnp.float32(damp), act_order=bool(act_order), damp_tries=int(damp_tries),
                          damp_growth=float(damp_growth))
-  return _solve_jit(w, h, fac, spec=spec.replace(axis=0), block_size=int(block_size), act_order=bool(act_order),
-                    static_groups=bool(static_groups), mesh=mesh, axis_names=axis_names)
+  run = functools.partial(_solve_jit, h=h, fac=fac, spec=spec.replace(axis=0), block_size=int(block_size),
+                          act_order=bool(act_order), static_groups=bool(static_groups), mesh=mesh,
+                          axis_names=axis_names)
+  n = w.shape[1] if w.ndim == 2 else 0
+  if mesh is not None or spec.granularity == "tensor" or n <= _COL_CHUNK:
+    return run(w)
+  # Output columns are independent given H (per-tensor ranges aside): wide kernels are solved in chunks
+  # of _COL_CHUNK columns, the last one zero-padded so that every chunk shares one compilation.
+  parts = []
+  for c0 in range(0, n, _COL_CHUNK):
+    chunk = w[:, c0:c0 + _COL_CHUNK]
+    parts.append(run(jnp.pad(chunk, ((0, 0), (0, _COL_CHUNK - chunk.shape[1])))))
+  cat = lambda xs: jnp.concatenate(xs, axis=1)[:, :n]
+  zero = None if parts[0].zero_point is None else cat([p.zero_point for p in parts])
+  return Solution(cat([p.codes for p in parts]), cat([p.scale for p in parts]), zero,
+                  sum(p.loss for p in parts), fac.damp, fac.ok)
 
 
 def damp_error(damp: float, damp_tries: int, damp_growth: float, where: str = "gptq.solve") -> ValueError:
