@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,6 +53,41 @@ def _to_pure(tree):
   return to_pure() if callable(to_pure) else tree
 
 
+@contextlib.contextmanager
+def atomic_directory(path, *, overwrite: bool = False, fn: str = "save"):
+  """Yields a temporary sibling directory that replaces ``path`` in one rename on success.
+
+  Whatever the body writes appears at ``path`` all at once, or (on any error,
+  interrupt included) not at all: a reader never sees a half-written directory.
+
+  Args:
+    path: Absolute target directory.
+    overwrite: Replace an existing ``path``; otherwise it must not exist.
+    fn: The calling function's name, for the error.
+
+  Example:
+    >>> with atomic_directory("/tmp/out", overwrite=True) as tmp:
+    ...   open(os.path.join(tmp, "a.txt"), "w").write("done")
+  """
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{fn}: path={path!r} exists; pass overwrite=True to replace it.")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      old = path + ".old-" + os.path.basename(tmp)
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)  # the commit point: atomic on one filesystem
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def _is_stored_node(x) -> bool:
   # Nodes stored as one entry, so that `load` rebuilds them without a target.
   return isinstance(x, (QArray, W8A8Weight))
@@ -84,8 +120,6 @@ def save(path, tree, *, overwrite: bool = False) -> str:
     The absolute path written.
   """
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"save: path={path!r} exists; pass overwrite=True to replace it.")
   tree = _to_pure(tree)
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stored_node)[0]
   arrays, entries = {}, []
@@ -107,24 +141,11 @@ def save(path, tree, *, overwrite: bool = False) -> str:
     else:
       raise TypeError(f"save: leaf at {keys} has unsupported type {type(leaf).__name__}; allowed: "
                       "jax/numpy arrays, QArray, jquant.ops.W8A8Weight and Python scalars.")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(path, overwrite=overwrite, fn="save") as tmp:
     if arrays:
       ocp.PyTreeCheckpointer().save(os.path.join(tmp, "arrays"), arrays)
     with open(os.path.join(tmp, _META), "w") as f:
       json.dump({"format": FORMAT, "version": VERSION, "leaves": entries}, f)
-    if os.path.exists(path):
-      old = path + ".old-" + os.path.basename(tmp)
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)  # the commit point: atomic on one filesystem
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

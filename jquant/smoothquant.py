@@ -72,8 +72,6 @@ LLAMA_FOLDS = (
 )
 
 
-
-
 def smoothing_factors(x_absmax, w_absmax, alpha: float) -> jax.Array:
   """``s = max|x|^alpha / max|w|^(1-alpha)``, clipped to [1e-5, 1e5]; 1 where a max is 0."""
   x = jnp.asarray(x_absmax, jnp.float32)

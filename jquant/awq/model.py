@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jquant.utils import get_path as _get, set_path as _set
 from jquant.awq import core
 from jquant.capture import capture_inputs
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import dequantize_params, quantize_params
+from jquant.utils import get_path as _get, set_path as _set
 
 PROPAGATE = ("float", "quantized")
 
@@ -197,8 +197,6 @@ def architecture(model):
     return BertArch(model.config)
   raise TypeError(f"jquant.awq: no AWQ groups are defined for a {type(model).__name__}; "
                   "allowed: jquant.models.Model (Llama-style decoders), jquant.models.BertModel.")
-
-
 
 
 def _kernel(bp, path):

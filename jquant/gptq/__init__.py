@@ -9,9 +9,10 @@ Example:
     >>> q, loss = jquant.gptq.solve(w, jquant.gptq.hessian(x), jquant.QuantSpec(bits=4))
 """
 
-from jquant.gptq.core import (Factor, HessianState, Solution, factor_hessian, hessian, hessian_finalize, hessian_init, hessian_update,
-                              pack, quant_loss, solve, solve_codes)
+from jquant.gptq.core import (Factor, HessianState, Solution, factor_hessian, hessian, hessian_finalize,
+                              hessian_init, hessian_update, pack, quant_loss, solve, solve_codes)
 from jquant.gptq.model import GPTQReport, GPTQResult, LayerReport, quantize_model
 
-__all__ = ["Factor", "HessianState", "Solution", "factor_hessian", "hessian", "hessian_finalize", "hessian_init", "hessian_update", "pack",
-           "quant_loss", "solve", "solve_codes", "GPTQReport", "GPTQResult", "LayerReport", "quantize_model"]
+__all__ = ["Factor", "HessianState", "Solution", "factor_hessian", "hessian", "hessian_finalize", "hessian_init",
+           "hessian_update", "pack", "quant_loss", "solve", "solve_codes", "GPTQReport", "GPTQResult", "LayerReport",
+           "quantize_model"]

@@ -300,34 +300,22 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         g0 = gidx[i1 + j1]
         scale, zero, visited = lax.cond(visited[g0], lambda a: a, group_init(g0, None), (scale, zero, visited))
 
-      # Group parameters change inside the row loop only when a group can start at any row; otherwise they
-      # stay out of its carry (a carried (G, N) array costs a copy per row on CPU).
-      params_in_loop = dynamic and not aligned
-
       def col_body(i, c2):
-        if params_in_loop:
-          w2, err2, codes2, scale_, zero_, visited_ = c2
-          g = gidx[i1 + j1 + i]
-          scale_, zero_, visited_ = lax.cond(visited_[g], lambda a: a, group_init(g, err2),
-                                             (scale_, zero_, visited_))
-        else:
-          (w2, err2, codes2), scale_, zero_ = c2, scale, zero
-          g = gidx[i1 + j1 + i]
+        w2, err2, codes2, scale, zero, visited = c2
+        g = gidx[i1 + j1 + i]
+        if dynamic and not aligned:
+          scale, zero, visited = lax.cond(visited[g], lambda a: a, group_init(g, err2), (scale, zero, visited))
         x = w2[i]
-        s, z = scale_[g][None], None if sym else zero_[g][None]
+        s, z = scale[g][None], None if sym else zero[g][None]
         c, _, _ = quantize_values(x[None], chan, scale=s, zero_point=z)
         cf = c[0].astype(jnp.float32)
         q = cf * s[0] if sym else (cf - z[0]) * s[0]
         e = (x - q) / u2[i, i]
         w2 = w2 - u2[i][:, None] * e[None, :]  # u2 is upper: earlier rows untouched
-        out = (w2, err2.at[i].set(e), codes2.at[i].set(c[0]))
-        return out + (scale_, zero_, visited_) if params_in_loop else out
+        return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited
 
-      init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32))
-      if params_in_loop:
-        _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2 + (scale, zero, visited))
-      else:
-        _, err2, codes2 = lax.fori_loop(0, sub, col_body, init2)
+      init2 = (w2, jnp.zeros((sub, n), jnp.float32), jnp.zeros((sub, n), jnp.int32), scale, zero, visited)
+      _, err2, codes2, scale, zero, visited = lax.fori_loop(0, sub, col_body, init2)
       w1 = w1 - jnp.matmul(lax.dynamic_slice_in_dim(u1, j1, sub, 0).T, err2, precision=_HI)
       err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, 0)
       codes1 = lax.dynamic_update_slice_in_dim(codes1, codes2, j1, 0)

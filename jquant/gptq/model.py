@@ -47,12 +47,12 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jquant.utils import get_path as _get, set_path as _set
 from jquant.capture import capture_inputs
 from jquant.gptq import core
 from jquant.qarray import QArray, quantize
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import quantize_params
+from jquant.utils import get_path as _get, set_path as _set, path_str
 
 SOLVER_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "damp_tries", "damp_growth")
 
@@ -125,8 +125,6 @@ class GPTQResult(NamedTuple):
 def _spec_str(spec: QuantSpec) -> str:
   g = {"group": f"g{spec.group_size}", "channel": "chan", "tensor": "tensor"}[spec.granularity]
   return f"W{spec.bits} {g} {'sym' if spec.symmetric else 'asym'}{' mse' if spec.clip == 'mse' else ''}"
-
-
 
 
 def _shared_groups(model, bp, hb) -> list[list[str]]:
@@ -392,7 +390,6 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     out = quantize_params(new_params, rules)
-  from jquant.utils import path_str
   rtn_leaves = tuple(path_str(k) for k, v in jax.tree_util.tree_leaves_with_path(
       out, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(v, QArray)
       and jax.tree_util.keystr(k) not in before)
