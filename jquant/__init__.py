@@ -17,6 +17,9 @@ from jquant import packing, ops, utils
 from jquant import capture, data, eval, models  # noqa: A004  (jquant.eval is the evaluation module)
 from jquant import awq, gptq, observers, qat, smoothquant
 from jquant.calibrate import calibrate, convert
+from jquant import export  # noqa: E402  (registers jquant's pytrees for jax.export serialization)
+
+export.register_serialization()
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,5 @@ __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
     "Footprint", "is_qarray", "save", "load", "packing", "ops", "utils", "capture", "data", "eval", "models",
-    "awq", "gptq", "observers", "qat", "smoothquant", "calibrate", "convert",
+    "awq", "gptq", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
 ]

@@ -6,7 +6,15 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_ENABLE_X64", "0")
-# TPU ahead-of-time compiles load libtpu; its lock file must not stop a second process.
+# The tests run on the CPU. libtpu (TPU ahead-of-time compilation only) lives outside the venv's
+# site-packages, in .venv/libtpu-aot (`make tpu-aot`), so that nothing else loads it; JAX finds it
+# through TPU_LIBRARY_PATH, and never starts a TPU backend because of JAX_PLATFORMS.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+LIBTPU_AOT = os.path.join(os.path.dirname(__file__), os.pardir, ".venv", "libtpu-aot")
+_libtpu_so = os.path.join(LIBTPU_AOT, "libtpu", "libtpu.so")
+if "TPU_LIBRARY_PATH" not in os.environ and os.path.isfile(_libtpu_so):
+  os.environ["TPU_LIBRARY_PATH"] = os.path.abspath(_libtpu_so)
+# libtpu takes a lock file per process; several test processes (xdist) must load it side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)

@@ -46,9 +46,18 @@ def pytest_generate_tests(metafunc):
       metafunc.parametrize(name, values, ids=[str(v) for v in values])
 
 
+def libtpu_available() -> bool:
+  """Whether JAX can load libtpu (`make tpu-aot` puts it in .venv/libtpu-aot; conftest points at it)."""
+  from jax._src import cloud_tpu_init
+  return cloud_tpu_init.get_tpu_library_path() is not None
+
+
 @functools.lru_cache(maxsize=None)
 def topology_device(generation: str):
   """One compile-only device of a TPU ``generation`` (needs libtpu, no TPU)."""
+  import pytest
+  if not libtpu_available():
+    pytest.skip("libtpu is not installed: `make tpu-aot` installs it into .venv/libtpu-aot")
   topo = topologies.get_topology_desc(topology_name=TOPOLOGIES[generation], platform="tpu")
   return topo.devices[0]
 

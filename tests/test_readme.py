@@ -63,3 +63,8 @@ def test_models_example_runs(tmp_path, monkeypatch, capsys):
   s = _run_section("Models, data and evaluation", tmp_path, monkeypatch)
   assert s["ppl"] < 30 and s["n"] == 4 * 255
   assert capsys.readouterr().out.startswith(" Paris")
+
+
+def test_export_example_runs(tmp_path, monkeypatch):
+  s = _run_section("Exporting quantized models (`jquant.export`)", tmp_path, monkeypatch)
+  assert s["same"] and s["exp"].platforms == ("cpu", "tpu", "cuda")

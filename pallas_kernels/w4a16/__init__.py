@@ -90,7 +90,7 @@ def weight_only_matmul(x, packed, scale, zero_point=None, *, bits: int, k: int |
     return tpu.weight_only_matmul(a, p, s, z, layout, out_dtype, interpret=interpret, blocks=blocks)
 
   def gpu_impl(a, p, s, z):
-    if backend == "auto" and m > GPU_MAX_M:
+    if backend == "auto" and _common.is_static(m) and m > GPU_MAX_M:
       raise _common.KernelUnsupported(f"M={m} > GPU_MAX_M={GPU_MAX_M}")
     return gpu.weight_only_matmul(a, p, s, z, layout, out_dtype, interpret=interpret, blocks=blocks)
 

@@ -84,13 +84,13 @@ for _old in ("v2", "v3", "v4"):
 
 
 def table_entry(backend: str, target: str, m: int) -> WOBlocks:
-  """The table's blocks for ``m`` activation rows on ``target``."""
+  """The table's blocks for ``m`` activation rows on ``target`` (the last bucket for a symbolic ``m``)."""
   table = GPU if backend == "gpu" else TPU
   if target not in table:
     if backend == "tpu":
       raise ValueError(f"tpu generation={target!r}; allowed: {tuple(TPU)}.")
     target = "default"
   for limit, b in table[target]:
-    if limit is None or m <= limit:
+    if limit is None or (isinstance(m, int) and m <= limit):
       return b
   return table[target][-1][1]

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import KernelUnsupported, gpu_arch, is_pow2, pad2, round_up
+from pallas_kernels._common import KernelUnsupported, gpu_arch, is_pow2, is_static, pad2, round_up
 from pallas_kernels.w4a16 import blocks as blocks_lib
 from pallas_kernels.w4a16.reference import WeightLayout
 
@@ -182,6 +182,8 @@ def _kernel(*refs, bits: int, nk: int, bk: int, sk: int, gs: int, grouped: bool,
 def plan(m: int, n: int, layout: WeightLayout, x_dtype, blocks: blocks_lib.WOBlocks | None = None,
          arch: str | None = None):
   """Final blocks for a problem (raises `KernelUnsupported` when the kernel cannot take it)."""
+  if not is_static(m):
+    raise KernelUnsupported("symbolic M: Pallas Triton has no dynamic grid bounds")
   b = blocks or blocks_lib.table_entry("gpu", arch or gpu_arch(), m)
   grouped = layout.num_groups > 1
   min_sk = 32 if layout.bits == 4 else 16  # dot K >= 16 on each half

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import KernelUnsupported, pad2, pad_axis, round_up, tpu_generation
+from pallas_kernels._common import KernelUnsupported, is_static, pad2, pad_axis, round_up, tpu_generation
 from pallas_kernels.w4a16 import blocks as blocks_lib
 from pallas_kernels.w4a16.reference import WeightLayout
 
@@ -105,7 +105,7 @@ def plan(m: int, n: int, layout: WeightLayout, blocks: blocks_lib.WOBlocks | Non
     bk = kfull  # one step: whole-dimension blocks are always legal
   else:
     bk = max(step, (b.bk // step) * step)
-  bm = min(b.bm, round_up(m, 16))
+  bm = min(b.bm, round_up(m, 16)) if is_static(m) else b.bm  # symbolic M: fixed rows, padded
   if n % 128 == 0:
     bn = min(b.bn, n)
     while n % bn:

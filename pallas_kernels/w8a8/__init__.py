@@ -60,22 +60,28 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.bfloat16, *, backend: 
       return fallback(a, sa, b, sb)
     return reference.w8a8_matmul(a, sa, b, sb, out_dtype)
 
+  def guarded(fn):
+    def run(a, sa, b, sb):
+      try:
+        return fn(a, sa, b, sb)
+      except _common.KernelUnsupported:
+        if backend != "auto":
+          raise
+        return xla_impl(a, sa, b, sb)
+    return run
+
   def tpu_impl(a, sa, b, sb):
-    try:
-      return tpu.w8a8_matmul(a, sa, b, sb, out_dtype, interpret=interpret, blocks=blocks)
-    except _common.KernelUnsupported:
-      if backend == "tpu":
-        raise
-      return xla_impl(a, sa, b, sb)
+    return tpu.w8a8_matmul(a, sa, b, sb, out_dtype, interpret=interpret, blocks=blocks)
 
   def gpu_impl(a, sa, b, sb):
-    if a.shape[0] >= GPU_NK_MIN_M:
+    if _common.is_static(a.shape[0]) and a.shape[0] >= GPU_NK_MIN_M:
       # int8 wgmma reads B K-contiguous; one XLA transpose beats a byte-wise
       # transpose through shared memory once the product is compute bound.
       return gpu.w8a8_matmul(a, sa, b.T, sb, out_dtype, interpret=interpret, blocks=blocks, w_layout="nk")
     return gpu.w8a8_matmul(a, sa, b, sb, out_dtype, interpret=interpret, blocks=blocks)
 
-  out = _common.dispatch((x2, xs2, w_q, ws2), xla=xla_impl, tpu=tpu_impl, gpu=gpu_impl, backend=backend,
+  out = _common.dispatch((x2, xs2, w_q, ws2), xla=xla_impl, tpu=guarded(tpu_impl), gpu=guarded(gpu_impl),
+                         backend=backend,
                          reference=lambda a, sa, b, sb: reference.w8a8_matmul(a, sa, b, sb, out_dtype))
   return out.reshape(lead + (n,))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels._common import NoBlocks, round_up
+from pallas_kernels._common import NoBlocks, is_static, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,10 @@ def pick(backend: str, m: int, k: int, n: int, target: str, override: W8A8Blocks
   entry = override or table_entry(backend, target)
   if isinstance(entry, NoBlocks):
     return entry
+  if not is_static(m):
+    if backend == "gpu":
+      return NoBlocks("symbolic M: Pallas Triton has no dynamic grid bounds")
+    return dataclasses.replace(entry, bn=min(entry.bn, round_up(n, 128)), bk=min(entry.bk, round_up(k, 128)))
   if override is None and backend == "gpu" and target in GPU_FEW_TILES:
     tiles = -(-m // entry.bm) * -(-n // entry.bn)
     if tiles < 2 * _SM_COUNT[target]:

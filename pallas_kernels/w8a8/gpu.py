@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import gpu_arch, pad2, pad_axis, round_up
+from pallas_kernels._common import KernelUnsupported, NoBlocks, gpu_arch, pad2, pad_axis, round_up
 from pallas_kernels.w8a8 import blocks as blocks_lib
 
 
@@ -88,6 +88,8 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.bfloat16, *, interpret
   if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8:
     raise ValueError(f"w8a8_matmul: x_q and w_q must be int8, got {x_q.dtype} and {w_q.dtype}.")
   b = blocks_lib.pick("gpu", m, k, n, arch or gpu_arch(), blocks)
+  if isinstance(b, NoBlocks):
+    raise KernelUnsupported(f"w8a8_matmul (GPU): {b.reason}; use backend='xla'.")
   scaled = x_scale is not None or w_scale is not None
   mp, np_, kp = round_up(m, b.bm), round_up(n, b.bn), round_up(k, b.bk)
   nm, nn, nk = mp // b.bm, np_ // b.bn, kp // b.bk
