@@ -7,10 +7,14 @@ STAMP := $(VENV)/.jquant-installed
 TPU_STAMP := $(VENV)/libtpu-aot/.installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-# Python 3.12: PYTHON if given, else python3.12 on PATH, else pyenv's newest 3.12.
-PYTHON ?= $(firstword $(shell command -v python3.12 2>/dev/null) \
-                     $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
-                     $(wildcard /usr/local/bin/python3.12 /usr/bin/python3.12))
+# Python 3.12: PYTHON if given, else the first candidate that runs as 3.12 (pyenv's shims exist
+# for versions that are installed but not selected, so each candidate is tried).
+PY312_CANDIDATES := $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12 \
+                    /usr/local/bin/python3.12 /usr/bin/python3.12
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(firstword $(foreach p,$(PY312_CANDIDATES),$(shell $(p) -c \
+            'import sys; print(sys.executable if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null)))
+endif
 
 .PHONY: venv tpu-aot test demo bench clean
 

@@ -191,6 +191,15 @@ def _check_rules(rules, fn: str):
   return rules
 
 
+def _dense_keys(inputs):
+  return {k.removesuffix("/kernel"): v for k, v in inputs.items()}
+
+
+def _dense_capture(capture, fn, *args):
+  out, inputs = capture.capture_inputs(fn, *args)
+  return out, _dense_keys(inputs)
+
+
 def _capture():
   from jquant import capture  # the one Dense-input capture mechanism of the library
   return capture
@@ -238,7 +247,7 @@ def calibrate(model, params, windows, rules: Sequence[Rule], *, observer=None, b
 
   # Which Dense inputs each block has: trace one block abstractly.
   h_shape = jax.eval_shape(model.embed, params, jnp.asarray(w[:1]))
-  _, in_shapes = jax.eval_shape(lambda bp, h: capture.capture_inputs(model.block, bp, h), params[names[0]],
+  _, in_shapes = jax.eval_shape(lambda bp, h: _dense_capture(capture, model.block, bp, h), params[names[0]],
                                 h_shape)
   observed = {b: _block_rules(rules, b, sorted(in_shapes)) for b in names}
   if not any(observed.values()):
@@ -257,6 +266,7 @@ def calibrate(model, params, windows, rules: Sequence[Rule], *, observer=None, b
   @jax.jit
   def step(block_params, h, st):
     out, inputs = capture.capture_inputs(model.block, block_params, h)
+    inputs = _dense_keys(inputs)
     new = {}
     for k, s in st.items():
       x = inputs[k]

@@ -1,108 +1,153 @@
-"""Recording the input of every `Dense` layer: the one capture mechanism of jquant.
+"""Recording the input of every matmul of any model: the one capture mechanism of jquant.
 
 GPTQ Hessians, AWQ activation statistics, W8A8 activation ranges and the
-per-layer error report all need the activations that reach each Dense layer.
-`capture_inputs` runs a function and returns those inputs keyed by the layer's
-path *relative to the parameters the Flax module was applied to*:
+per-layer error report all need the activations that reach each weight.
+`capture_inputs` runs a function (a Linen ``model.apply``, an NNX
+merge-and-call, a block of one, jquant's own models) and returns the input of
+every ``dot_general`` against a parameter leaf (float, rank >= 2, or
+quantized), keyed by the weight's parameter path *relative to the arguments*:
 
-* ``m.block(params["layers_3"], h)``  -> ``"attn/q"``, ``"attn/k"``, ..., ``"mlp/down"``
-* ``m.apply(params, tokens)``         -> ``"layers_3/attn/q"``, ...
+* ``model.apply({"params": p}, x)``  -> ``"layers_3/attn/q/kernel"``, ...
+* ``block.apply({"params": p["layers_3"]}, h)`` -> ``"attn/q/kernel"``, ...
+* an NNX state ``s`` in ``lambda s, x: nnx.merge(g, s)(x)`` -> ``"layers/0/attn/q/kernel"``
 
-Layers fed by one array receive the *same* array: in the Llama block ``attn/q``,
-``attn/k``, ``attn/v`` share the attention norm's output and ``mlp/gate``,
-``mlp/up`` share the MLP norm's output (`shared_input_groups` lists them), so a
-solver may compute one statistic (e.g. one GPTQ Hessian) per group.
+Inputs come back shaped ``(..., K)``: the contracted axes of the activation
+flattened last, in the order of the weight's axes, so that ``x @ W2`` with
+``W2`` the weight viewed as ``(K, N)`` (`contraction_axes` says which axes
+are K) is the layer's product. It works for ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Einsum``, ``jnp.einsum``/``jnp.dot`` on parameters, NNX's ``Linear``,
+``LinearGeneral`` and ``Einsum``, eagerly and under ``jax.jit`` (it reads the
+program JAX traces, see `jquant.intercept`).
 
-It uses Flax's method interception while ``fn`` is traced or run: it works
-eagerly and under ``jax.jit`` (call `capture_inputs` *inside* the jitted
-function and reduce the activations there; ``fn`` itself must not be a
-separately jitted function, whose cached trace would bypass the recording).
+Layers fed by the same array (q/k/v after one norm, gate/up) are listed by
+`shared_input_groups`, so a solver can compute one statistic (e.g. one GPTQ
+Hessian) per group.
 
 Example:
-    >>> import jax, jax.numpy as jnp, jquant
-    >>> m = jquant.models.llama_init(jquant.models.LlamaConfig(), jax.random.key(0))
-    >>> h = m.embed(m.params, jnp.zeros((1, 8), jnp.int32))
-    >>> @jax.jit
-    ... def hessians(bp, h):
-    ...   out, xs = jquant.capture.capture_inputs(m.block, bp, h)
-    ...   return out, {k: jnp.einsum("bti,btj->ij", x, x) for k, x in xs.items()}
-    >>> out, H = hessians(m.params["layers_0"], h)
-    >>> sorted(H)
-    ['attn/k', 'attn/o', 'attn/q', 'attn/v', 'mlp/down', 'mlp/gate', 'mlp/up']
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jquant
+    >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])
+    >>> x = jnp.ones((4, 16))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> out, xs = jquant.capture.capture_inputs(model.apply, {"params": params}, x)
+    >>> {k: v.shape for k, v in xs.items()}
+    {'layers_0/kernel': (4, 16), 'layers_2/kernel': (4, 32)}
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
+import jax
 
-from jquant.models.layers import Dense
+from jquant import intercept
 
 
 class CaptureError(RuntimeError):
   """Raised when the recorded inputs are ambiguous or missing."""
 
 
+@jax.tree_util.register_pytree_node_class
+class Captured(NamedTuple):
+  """What `capture` records; a pytree whose axes and groups are static (it can leave a jit).
+
+  Attributes:
+    out: The function's output.
+    inputs: ``{path: x}``, ``x`` shaped ``(..., K)``.
+    axes: ``{path: the weight's contraction axes}`` (ascending).
+    groups: Paths fed by the same array, in call order (`shared_input_groups`).
+  """
+
+  out: Any
+  inputs: dict
+  axes: dict
+  groups: list
+
+  def tree_flatten(self):
+    return (self.out, self.inputs), (tuple(self.axes.items()), tuple(tuple(g) for g in self.groups))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], children[1], dict(aux[0]), [list(g) for g in aux[1]])
+
+
+def capture(fn: Callable, *args, **kwargs) -> Captured:
+  """Runs ``fn(*args, **kwargs)`` and records the input of every matmul against a parameter.
+
+  Raises:
+    CaptureError: no matmul against a parameter leaf was found, or one
+      parameter fed two matmuls (capture one application at a time).
+  """
+  out, inputs, axes, order, sources = intercept.record_matmul_inputs(fn, *args, **kwargs)
+  if not inputs:
+    raise CaptureError(
+        "capture: no matmul against a parameter was found. Looked for dot_general (nn.Dense, DenseGeneral, "
+        "Einsum, jnp.einsum, jnp.dot, nnx.Linear...) whose operand is a leaf of the arguments: a float array "
+        "of rank >= 2 or a quantized leaf. Pass the parameters as arguments of fn (not closed over).")
+  groups: dict = {}
+  for path in order:
+    groups.setdefault(sources[path], []).append(path)
+  return Captured(out, {p: inputs[p] for p in order}, {p: axes[p] for p in order}, list(groups.values()))
+
+
 def capture_inputs(fn: Callable, *args, **kwargs) -> tuple[Any, dict[str, Any]]:
-  """Runs ``fn(*args, **kwargs)`` and records the input of every `Dense` call.
+  """``(out, {path: x})``: `capture` without the axes and groups.
 
   Args:
-    fn: A function that applies jquant models (``m.apply``, ``m.block``,
-      ``m.embed``/``m.head``, a BERT encoder...), not wrapped in its own jit.
-    *args: Its arguments.
+    fn: Any function of parameters and inputs (``model.apply``, a block's
+      apply, an NNX merge-and-call).
+    *args: Its arguments; parameters must be among them.
     **kwargs: Its keyword arguments.
 
   Returns:
-    ``(out, inputs)``: ``fn``'s result, and ``{"a/b/c": x}`` with ``x`` the
-    (..., in) activation that entered the Dense at path ``a/b/c`` (the path of
-    its ``kernel`` without the ``/kernel``).
+    ``fn``'s result, and ``{"a/b/kernel": x}`` with ``x`` the ``(..., K)``
+    activation that entered the matmul against that parameter.
 
   Raises:
-    CaptureError: a Dense path was called twice (capture one application at a
-      time), or nothing was recorded although ``fn`` ran (typically ``fn`` is
-      a jitted function whose trace was cached).
+    CaptureError: nothing recorded, or a parameter used by two matmuls.
   """
-  recorded: dict[str, Any] = {}
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    if isinstance(context.module, Dense) and context.method_name == "__call__":
-      path = "/".join(str(p) for p in context.module.path)
-      if path in recorded:
-        raise CaptureError(
-            f"capture_inputs: Dense {path!r} ran twice inside one capture; capture each module "
-            "application separately (e.g. one m.block call per capture).")
-      recorded[path] = call_args[0]
-    return next_fun(*call_args, **call_kwargs)
-
-  with nn.intercept_methods(interceptor):
-    out = fn(*args, **kwargs)
-  if not recorded:
-    raise CaptureError(
-        "capture_inputs: no Dense input was recorded. fn must apply jquant models directly; if fn is "
-        "wrapped in jax.jit, jit the caller of capture_inputs instead.")
-  return out, recorded
+  c = capture(fn, *args, **kwargs)
+  return c.out, c.inputs
 
 
-def shared_input_groups(paths) -> list[list[str]]:
-  """Groups Dense paths known to receive the same input array.
+def contraction_axes(fn: Callable, *args, **kwargs) -> dict[str, tuple]:
+  """``{path: axes}``: the axes each parameter is contracted over, read from the model's own ops.
 
-  ``*/attn/{q,k,v}`` share one input, as do ``*/mlp/{gate,up}``; every other
-  layer is its own group. Order follows ``paths``.
+  Runs abstractly (`jax.eval_shape`): nothing is computed. Pass the result
+  to `jquant.quantize_params(..., axes=...)` so that one rule quantizes every
+  weight of a model along its real contraction (Gemma's ``(heads, d, hd)``
+  query kernel along ``d``, a ``DenseGeneral`` output projection along
+  ``(heads, head_dim)``).
 
   Example:
-    >>> shared_input_groups(["attn/q", "attn/k", "attn/v", "attn/o"])
-    [['attn/q', 'attn/k', 'attn/v'], ['attn/o']]
+    >>> axes = jquant.capture.contraction_axes(model.apply, {"params": params}, x)
   """
-  groups: dict[str, list[str]] = {}
-  for p in paths:
-    prefix, _, leaf = p.rpartition("/")
-    parent = prefix.rpartition("/")[2]
-    if parent == "attn" and leaf in ("q", "k", "v"):
-      key = prefix + "/qkv"
-    elif parent == "mlp" and leaf in ("gate", "up"):
-      key = prefix + "/gate_up"
-    else:
-      key = p
-    groups.setdefault(key, []).append(p)
-  return list(groups.values())
+  found: dict = {}
+
+  def run(*a, **kw):
+    c = capture(fn, *a, **kw)
+    found.update(c.axes)
+    return c.out
+
+  jax.eval_shape(run, *args, **kwargs)
+  return found
+
+
+def shared_input_groups(fn: Callable, *args, **kwargs) -> list[list[str]]:
+  """Groups of parameter paths whose matmuls read the very same activation array.
+
+  Read from the traced program, not from names: q/k/v after one norm are one
+  group, gate/up another; every other layer is its own group.
+  """
+  groups: list = []
+
+  def run(*a, **kw):
+    c = capture(fn, *a, **kw)
+    groups.extend(c.groups)
+    return c.out
+
+  jax.eval_shape(run, *args, **kwargs)
+  return groups
+
+
+__all__ = ["capture", "capture_inputs", "contraction_axes", "shared_input_groups", "Captured",
+           "CaptureError"]

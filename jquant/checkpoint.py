@@ -99,13 +99,19 @@ def _put_qarray(arrays: dict, name: str, q: QArray) -> dict:
   if q.zero_point is not None:
     arrays[f"{name}_zero_point"] = q.zero_point
   return {"spec": dataclasses.asdict(q.spec), "size": q.size, "axis": q.axis, "dtype": np.dtype(q.dtype).name,
-          "has_zero_point": q.zero_point is not None}
+          "has_zero_point": q.zero_point is not None,
+          "axis_shape": None if q.axis_shape is None else list(q.axis_shape)}
 
 
 def _get_qarray(arrays: dict, name: str, e: dict) -> QArray:
   zp = jnp.asarray(arrays[f"{name}_zero_point"]) if e["has_zero_point"] else None
+  spec = dict(e["spec"])
+  if isinstance(spec.get("axis"), list):
+    spec["axis"] = tuple(spec["axis"])
+  axis_shape = e.get("axis_shape")
   return QArray(jnp.asarray(arrays[f"{name}_qvalue"]), jnp.asarray(arrays[f"{name}_scale"]), zp,
-                QuantSpec(**e["spec"]), e["size"], e["axis"], np.dtype(jnp.dtype(e["dtype"])))
+                QuantSpec(**spec), e["size"], e["axis"], np.dtype(jnp.dtype(e["dtype"])),
+                None if axis_shape is None else tuple(axis_shape))
 
 
 def save(path, tree, *, overwrite: bool = False) -> str:

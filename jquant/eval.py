@@ -251,6 +251,7 @@ def layer_error_report(model, float_params, quant_params, windows, batch_size: i
   @jax.jit
   def sums(pf, pq, tokens):
     _, xs = capture_inputs(model.apply, pf, tokens)
+    xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
     out = {}
     for p in paths:
       x = xs[p]

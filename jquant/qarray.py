@@ -44,9 +44,14 @@ class QArray:
     zero_point: ``None`` (symmetric) or uint8 integer zero points like
       ``scale``.
     spec: The `QuantSpec` used.
-    size: Logical length of the contraction axis.
-    axis: Contraction axis as a negative index (valid under added batch dims).
+    size: Logical length of the (flattened) contraction axis.
+    axis: Contraction axis of the payload as a negative index (valid under
+      added batch dims).
     dtype: The dtype `dequantize` returns.
+    axis_shape: None for one contraction axis; for several adjacent ones
+      (``QuantSpec(axis=(0, 1))``), their logical sizes. The payload holds
+      them flattened into one axis (``prod(axis_shape) == size``); `shape`,
+      `codes` and `dequantize` give the logical layout back.
   """
 
   qvalue: jax.Array
@@ -56,23 +61,34 @@ class QArray:
   size: int
   axis: int
   dtype: np.dtype
+  axis_shape: Optional[tuple] = None
 
   def tree_flatten(self):
-    return (self.qvalue, self.scale, self.zero_point), (self.spec, self.size, self.axis, self.dtype)
+    return (self.qvalue, self.scale, self.zero_point), (self.spec, self.size, self.axis, self.dtype,
+                                                        self.axis_shape)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
   @property
-  def shape(self) -> tuple[int, ...]:
+  def stored_shape(self) -> tuple[int, ...]:
+    """The shape with the contraction axes flattened into one (the payload's rank)."""
     shape = list(self.qvalue.shape)
     shape[self.axis] = self.size
     return tuple(shape)
 
   @property
+  def shape(self) -> tuple[int, ...]:
+    shape = self.stored_shape
+    if self.axis_shape is None:
+      return shape
+    a = self.axis % len(shape)
+    return shape[:a] + tuple(self.axis_shape) + shape[a + 1:]
+
+  @property
   def ndim(self) -> int:
-    return len(self.qvalue.shape)
+    return len(self.shape)
 
   @property
   def bits(self) -> int:
@@ -93,7 +109,7 @@ class QArray:
     c = packing.unpack(self.qvalue, self.bits, self.size, self.axis, dtype=jnp.int32)
     if self.spec.symmetric and self.bits < 8:
       c = c - 2 ** (self.bits - 1)
-    return c
+    return c.reshape(self.shape)
 
   def dequantize(self, dtype=None) -> jax.Array:
     return dequantize(self, dtype)
@@ -105,12 +121,12 @@ class QArray:
     Args:
       codes: Integers in [spec.qmin, spec.qmax], logical shape.
       scale: Scales shaped like the logical shape with the contraction axis
-        replaced by the group count.
+        (the flattened contraction axes) replaced by the group count.
       zero_point: Integer zero points like ``scale`` (asymmetric), else None.
       spec: The spec the codes follow.
       dtype: The dtype `dequantize` returns.
     """
-    codes = jnp.asarray(codes)
+    codes, spec, axis_shape = merge_contraction(jnp.asarray(codes), spec)
     axis = _normalize_axis(spec.axis, codes.ndim)
     codes = jnp.clip(codes.astype(jnp.int32), spec.qmin, spec.qmax)
     if spec.bits == 8:
@@ -126,7 +142,7 @@ class QArray:
         raise ValueError("QArray.from_codes: an asymmetric spec needs zero_point, got None.")
       zp = jnp.clip(jnp.round(jnp.asarray(zero_point)), 0, spec.qmax).astype(jnp.uint8)
     return cls(payload, jnp.asarray(scale).astype(spec.jnp_scale_dtype), zp, spec,
-               int(codes.shape[axis]), axis - codes.ndim, np.dtype(dtype))
+               int(codes.shape[axis]), axis - codes.ndim, np.dtype(dtype), axis_shape)
 
   def __repr__(self):
     return (f"QArray(shape={self.shape}, bits={self.bits}, symmetric={self.spec.symmetric}, "
@@ -143,6 +159,30 @@ def _normalize_axis(axis: int, ndim: int) -> int:
     raise ValueError(f"QuantSpec.axis={axis} is out of range for an array of rank {ndim}; "
                      f"allowed: {-ndim}..{ndim - 1}.")
   return axis % ndim
+
+
+def merge_contraction(x, spec: QuantSpec):
+  """Flattens several adjacent contraction axes of ``x`` into one.
+
+  Returns:
+    ``(x_merged, spec_merged, axis_shape)``: with one contraction axis, ``x``
+    unchanged, the spec with that (non-negative) axis and None; with several,
+    ``x`` reshaped so that they form one axis at the first one's position, the
+    spec naming it, and the axes' logical sizes.
+
+  Example:
+    >>> xm, sm, shape = merge_contraction(jnp.ones((4, 64, 8)), QuantSpec(axis=(0, 1)))
+    >>> xm.shape, sm.axis, shape
+    ((256, 8), 0, (4, 64))
+  """
+  axes = spec.axes(jnp.ndim(x))
+  if len(axes) == 1:
+    return x, (spec if spec.axis == axes[0] else spec.replace(axis=axes[0])), None
+  a0, a1 = axes[0], axes[-1] + 1
+  shape = jnp.shape(x)
+  axis_shape = tuple(int(d) for d in shape[a0:a1])
+  merged = jnp.reshape(x, shape[:a0] + (int(np.prod(axis_shape)),) + shape[a1:])
+  return merged, spec.replace(axis=a0), axis_shape
 
 
 def _check_input(x, spec: QuantSpec, fn: str):
@@ -268,12 +308,14 @@ def compute_scale_zero(x, spec: QuantSpec):
   """Scales and zero points of ``x`` under ``spec`` (min-max or MSE ranges).
 
   Returns:
-    ``(scale, zero_point)`` shaped like ``x`` with the contraction axis
-    replaced by the group count (all ones for per-tensor). ``zero_point`` is
-    None for symmetric specs and a float array of integers otherwise. Scales
-    are float32 here; `QArray` stores them in ``spec.scale_dtype``.
+    ``(scale, zero_point)`` shaped like ``x`` with the contraction axis (the
+    flattened contraction axes) replaced by the group count (all ones for
+    per-tensor). ``zero_point`` is None for symmetric specs and a float array
+    of integers otherwise. Scales are float32 here; `QArray` stores them in
+    ``spec.scale_dtype``.
   """
   x = _check_input(x, spec, "compute_scale_zero")
+  x, spec, _ = merge_contraction(x, spec)
   axis = _normalize_axis(spec.axis, x.ndim)
   g, _, _ = _grouped(x.astype(jnp.float32), spec, axis)
   scale, zero = _group_scale_zero(g, spec)
@@ -304,6 +346,8 @@ def quantize_values(x, spec: QuantSpec, *, key=None, scale=None, zero_point=None
     the shape of ``x``, and the parameters used.
   """
   x = _check_input(x, spec, "quantize")
+  logical_shape = x.shape
+  x, spec, _ = merge_contraction(x, spec)
   axis = _normalize_axis(spec.axis, x.ndim)
   if scale is None:
     scale, zero_point = compute_scale_zero(x, spec)
@@ -312,7 +356,7 @@ def quantize_values(x, spec: QuantSpec, *, key=None, scale=None, zero_point=None
   s = expand_to_groups(scale, spec, x.shape[axis])
   z = None if zero_point is None else expand_to_groups(zero_point.astype(jnp.float32), spec, x.shape[axis])
   codes = _quantize_with(x.astype(jnp.float32), s, z, spec, key)
-  return codes.astype(jnp.int32), scale, zero_point
+  return codes.astype(jnp.int32).reshape(logical_shape), scale, zero_point
 
 
 def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
@@ -331,11 +375,12 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   """The float array a `QArray` stands for (``q.dtype`` unless ``dtype``)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize: expected a jquant.QArray, got {type(q).__name__}.")
-  c = q.codes().astype(jnp.float32)
+  c = q.codes().astype(jnp.float32).reshape(q.qvalue.shape[:q.axis % q.qvalue.ndim] + (q.size,) +
+                                              q.qvalue.shape[q.axis % q.qvalue.ndim + 1:])
   spec = dataclasses.replace(q.spec, axis=q.axis)
   s = expand_to_groups(q.scale.astype(jnp.float32), spec, q.size)
   z = None if q.zero_point is None else expand_to_groups(q.zero_point.astype(jnp.float32), spec, q.size)
-  return _dequantize_with(c, s, z).astype(dtype or q.dtype)
+  return _dequantize_with(c, s, z).astype(dtype or q.dtype).reshape(q.shape)
 
 
 @jax.custom_vjp
@@ -366,6 +411,8 @@ def fake_quant(x, spec: QuantSpec, *, key=None) -> jax.Array:
     >>> g = jax.grad(lambda w: jquant.fake_quant(w, spec).sum())(w)
   """
   x = _check_input(x, spec, "fake_quant")
+  logical_shape = x.shape
+  x, spec, _ = merge_contraction(x, spec)
   codes, scale, zero = quantize_values(jax.lax.stop_gradient(x), spec, key=key)
   axis = _normalize_axis(spec.axis, x.ndim)
   s = expand_to_groups(scale.astype(jnp.float32), spec, x.shape[axis])
@@ -374,4 +421,4 @@ def fake_quant(x, spec: QuantSpec, *, key=None) -> jax.Array:
   # Inside the range means: the unclipped code would lie within [qmin, qmax].
   raw = x.astype(jnp.float32) / s + (0.0 if z is None else z)
   mask = ((raw >= spec.qmin - 0.5) & (raw <= spec.qmax + 0.5)).astype(x.dtype)
-  return _ste(x, fq.astype(x.dtype), jax.lax.stop_gradient(mask))
+  return _ste(x, fq.astype(x.dtype), jax.lax.stop_gradient(mask)).reshape(logical_shape)

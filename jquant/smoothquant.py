@@ -289,6 +289,7 @@ def search_alpha(model, params, windows, act_absmax: Mapping[str, jax.Array], *,
   @jax.jit
   def score(bp, h, xb):
     out, inputs = capture.capture_inputs(model.block, bp, h)
+    inputs = {k.removesuffix('/kernel'): v for k, v in inputs.items()}
     errs = {}
     for site in sites:
       fold = by_name[site]

@@ -38,8 +38,11 @@ class QuantSpec:
       along every non-contraction position) or ``"group"`` (one scale per
       ``group_size`` consecutive elements along the contraction axis).
     group_size: Group length along ``axis`` (granularity ``"group"`` only).
-    axis: The contraction axis. A Flax ``Dense`` kernel is ``(in, out)``, so 0.
-      Packing and groups both run along this axis.
+    axis: The contraction axis, or a tuple of adjacent contraction axes. A
+      Flax ``Dense`` kernel is ``(in, out)``, so 0; a ``DenseGeneral`` output
+      projection ``(heads, head_dim, d)`` contracts ``(0, 1)``. Several axes
+      are flattened (row-major) into one contraction of their product's
+      length, along which groups run and codes are packed.
     scale_dtype: ``"float32"`` or ``"bfloat16"``.
     rounding: ``"nearest"`` or ``"stochastic"`` (needs a PRNG key; for training).
     clip: ``"minmax"`` ranges, or ``"mse"``: per group, the shrink of the range
@@ -61,7 +64,7 @@ class QuantSpec:
   symmetric: bool = True
   granularity: str = "channel"
   group_size: Optional[int] = None
-  axis: int = 0
+  axis: Any = 0
   scale_dtype: str = "float32"
   rounding: str = "nearest"
   clip: str = "minmax"
@@ -94,8 +97,14 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: clip={self.clip!r}; allowed: {CLIPS}.")
     if not 0.0 < float(self.clip_ratio) <= 1.0:
       raise ValueError(f"QuantSpec: clip_ratio={self.clip_ratio!r}; allowed: a float in (0, 1].")
-    if not isinstance(self.axis, (int, np.integer)):
-      raise ValueError(f"QuantSpec: axis={self.axis!r}; allowed: an int.")
+    axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
+    if (not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes)
+        or len(set(axes)) != len(axes)):
+      raise ValueError(f"QuantSpec: axis={self.axis!r}; allowed: an int, or a tuple of distinct ints "
+                       "(adjacent contraction axes).")
+    axes = tuple(int(a) for a in axes)
+    object.__setattr__(self, "axis", axes[0] if len(axes) == 1 and not isinstance(self.axis, (tuple, list))
+                       else axes)
 
   @property
   def qmin(self) -> int:
@@ -123,6 +132,23 @@ class QuantSpec:
           f"(axis={self.axis}); allowed: a divisor of {size}, or pass pad_groups=True to let the last "
           "group be shorter.")
     return -(-size // self.group_size)
+
+  def axes(self, ndim: int) -> tuple[int, ...]:
+    """The contraction axes for an array of rank ``ndim``: non-negative, ascending, adjacent.
+
+    Raises:
+      ValueError: an axis is out of range, or the axes are not adjacent.
+    """
+    raw = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    for a in raw:
+      if not -ndim <= a < ndim:
+        raise ValueError(f"QuantSpec: axis={self.axis!r} is out of range for an array of rank {ndim}; "
+                         f"allowed: axes in {-ndim}..{ndim - 1}.")
+    axes = tuple(sorted(a % ndim for a in raw))
+    if len(set(axes)) != len(axes) or axes != tuple(range(axes[0], axes[0] + len(axes))):
+      raise ValueError(f"QuantSpec: axis={self.axis!r} names contraction axes {axes} of a rank-{ndim} array "
+                       "that are not adjacent; allowed: adjacent axes (transpose the weight first).")
+    return axes
 
   def group_length(self, size: int) -> int:
     """Elements per scale along the contraction axis."""

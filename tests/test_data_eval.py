@@ -112,7 +112,7 @@ def test_layer_error_report_matches_direct_errors(toy):
   h = toy.embed(toy.params, tokens)
   h = toy.block(toy.params["layers_0"], h)
   _, xs = jquant.capture.capture_inputs(toy.block, toy.params["layers_1"], h)
-  x = np.asarray(xs["mlp/gate"], np.float64)
+  x = np.asarray(xs["mlp/gate/kernel"], np.float64)
   wf = np.asarray(toy.params["layers_1"]["mlp"]["gate"]["kernel"], np.float64)
   wq = np.asarray(jquant.dequantize(q["layers_1"]["mlp"]["gate"]["kernel"]), np.float64)
   want = np.linalg.norm(x @ wq - x @ wf) / np.linalg.norm(x @ wf)

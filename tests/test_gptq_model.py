@@ -61,8 +61,8 @@ def test_shared_inputs_share_one_hessian(toy, single):
   @jax.jit
   def hess_q(params, tokens):
     _, xs = jquant.capture.capture_inputs(m.block, params["layers_0"], m.embed(params, tokens))
-    shared.append(xs["attn/q"] is xs["attn/k"] is xs["attn/v"])
-    return gptq.hessian(xs["attn/q"])
+    shared.append(xs["attn/q/kernel"] is xs["attn/k/kernel"] is xs["attn/v/kernel"])
+    return gptq.hessian(xs["attn/q/kernel"])
 
   hess = hess_q(m.params, jnp.asarray(calib))
   assert shared == [True]

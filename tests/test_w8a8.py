@@ -119,7 +119,7 @@ def test_calibrate_convert_save_load_serve(toy, toy_stats, tmp_path):
   # min-max per tensor over all calibration windows equals max|x| of the captured inputs.
   h = m.embed(m.params, calib)
   _, xs = jquant.capture.capture_inputs(m.block, m.params["layers_0"], h)
-  assert float(stats.amax()["layers_0/attn/q/kernel"]) == float(jnp.max(jnp.abs(xs["attn/q"])))
+  assert float(stats.amax()["layers_0/attn/q/kernel"]) == float(jnp.max(jnp.abs(xs["attn/q/kernel"])))
 
   qparams = convert(m.params, stats, STATIC)
   k = qparams["layers_0"]["attn"]["q"]["kernel"]

@@ -275,6 +275,7 @@ def _search_group(bp, x, x_mean, pos_w, *, arch, group, specs, n_grid, variant):
 def _record(bp, h, *, arch, skip):
   """Block output, every Dense input, and the per-channel sums of |x| past ``skip`` positions."""
   out, xs = capture_inputs(arch.block, bp, h)
+  xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
   sums = {k: jnp.sum(jnp.abs(x[:, skip:].astype(jnp.float32)), axis=(0, 1)) for k, x in xs.items()}
   return out, xs, sums
 

@@ -133,6 +133,7 @@ def _shared_groups(model, bp, hb) -> list[list[str]]:
 
   def probe(bp, hb):
     out, xs = capture_inputs(model.block, bp, hb)
+    xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
     groups: list[list[str]] = []
     for path, x in xs.items():
       for g in groups:
@@ -207,6 +208,7 @@ def _steps(model, mesh, data_axis) -> _Steps:
   def hess_step(bp, hb, wb, sums, reps):
     def local(bp, hb, wb):
       _, xs = capture_inputs(ref().block, bp, hb)
+      xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
       out = {}
       for r in reps:
         st = core.hessian_update(core.hessian_init(xs[r].shape[-1]), xs[r], wb)
