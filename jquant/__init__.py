@@ -15,7 +15,7 @@ from jquant.tree import quantize_params, dequantize_params, footprint, Footprint
 from jquant.checkpoint import save, load
 from jquant.intercept import quantized
 from jquant import packing, ops, utils
-from jquant import capture, data, eval, models  # noqa: A004  (jquant.eval is the evaluation module)
+from jquant import capture, data, eval, graph, models  # noqa: A004  (jquant.eval is the evaluation module)
 from jquant import awq, gptq, observers, qat, smoothquant
 from jquant.calibrate import calibrate, convert
 from jquant import export  # noqa: E402  (registers jquant's pytrees for jax.export serialization)
@@ -27,6 +27,6 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
-    "Footprint", "is_qarray", "save", "load", "quantized", "packing", "ops", "utils", "capture", "data", "eval", "models",
+    "Footprint", "is_qarray", "save", "load", "quantized", "packing", "ops", "utils", "capture", "data", "eval", "graph", "models",
     "awq", "gptq", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
 ]
