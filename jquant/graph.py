@@ -409,6 +409,40 @@ def _flat_params(params):
   return [leaf for _, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=intercept.is_quantized)[0]]
 
 
+def batches(calib, batch_size: int = 8, *, fn: str = "calibration") -> list[tuple]:
+  """Calibration data as a list of batches, each a tuple of positional model inputs.
+
+  Args:
+    calib: An array (or a pytree of arrays sharing a leading axis), split
+      into batches of ``batch_size`` along axis 0 and passed as the model's
+      one input; or a list/tuple of batches, each a tuple of positional
+      inputs (or a single input), any pytree (token ids, embeddings, images).
+    batch_size: Rows per batch when ``calib`` is split.
+    fn: Name used in error messages.
+
+  Raises:
+    ValueError: empty calibration data, or a non-positive batch size.
+
+  Example:
+    >>> [b[0].shape for b in batches(jnp.zeros((10, 16), jnp.int32), 4)]
+    [(4, 16), (4, 16), (2, 16)]
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"{fn}: batch_size={batch_size!r}; allowed: a positive int.")
+  if isinstance(calib, list):
+    out = [b if isinstance(b, tuple) else (b,) for b in calib]
+  else:
+    leaves = jax.tree_util.tree_leaves(calib)
+    if not leaves:
+      raise ValueError(f"{fn}: the calibration data is empty; allowed: an array of examples (N, ...) with "
+                       "N >= 1, or a non-empty list of batches.")
+    n = int(jnp.shape(leaves[0])[0]) if jnp.ndim(leaves[0]) else 0
+    out = [(jax.tree_util.tree_map(lambda a: a[i:i + batch_size], calib),) for i in range(0, n, batch_size)]
+  if not out:
+    raise ValueError(f"{fn}: the calibration data is empty (0 examples); allowed: at least one example.")
+  return out
+
+
 def trace(fn: Callable, params, *inputs, blocks: Optional[str] = None) -> Program:
   """Traces ``fn(params, *inputs)`` into a `Program` cut at its blocks.
 
@@ -465,4 +499,4 @@ def as_apply(model) -> tuple[Callable, Any]:
                   f"{type(model).__name__}.")
 
 
-__all__ = ["trace", "find_blocks", "as_apply", "state_list", "updated", "Program", "Segment", "GraphError"]
+__all__ = ["trace", "batches", "find_blocks", "as_apply", "state_list", "updated", "Program", "Segment", "GraphError"]

@@ -150,6 +150,47 @@ class QArray:
             f"dtype={np.dtype(self.dtype).name})")
 
 
+def to_matrix(w, k_axes) -> jax.Array:
+  """A weight as the ``(K, N)`` matrix that solvers work on.
+
+  The contraction axes ``k_axes`` (ascending, e.g. from
+  `jquant.capture.contraction_axes`) are flattened row-major into K, the
+  other axes, in order, into N: ``x @ to_matrix(w, k_axes)`` is the layer's
+  product for the input ``x`` as `jquant.capture` records it.
+
+  Example:
+    >>> to_matrix(jnp.ones((4, 640, 256)), (1,)).shape        # Gemma's query kernel (heads, d, head_dim)
+    (640, 1024)
+  """
+  w = jnp.asarray(w)
+  k_axes = tuple(sorted(a % w.ndim for a in k_axes))
+  free = tuple(a for a in range(w.ndim) if a not in k_axes)
+  k = int(np.prod([w.shape[a] for a in k_axes]))
+  return jnp.transpose(w, k_axes + free).reshape(k, -1)
+
+
+def from_matrix(m, shape, k_axes) -> jax.Array:
+  """Inverse of `to_matrix`: a ``(K, N)`` (or ``(G, N)`` per-group) matrix back to the weight's layout.
+
+  With ``m`` of shape ``(G, N)`` (group parameters), the contraction axes
+  collapse to one axis of length G at the first contraction axis' position,
+  which is how `QArray` and `jquant.compute_scale_zero` lay out scales of a
+  weight quantized along ``k_axes``.
+  """
+  shape = tuple(shape)
+  k_axes = tuple(sorted(a % len(shape) for a in k_axes))
+  free = tuple(a for a in range(len(shape)) if a not in k_axes)
+  free_shape = tuple(shape[a] for a in free)
+  k = int(np.prod([shape[a] for a in k_axes]))
+  if m.shape[0] == k:  # full weight
+    w = jnp.reshape(m, tuple(shape[a] for a in k_axes) + free_shape)
+    return jnp.transpose(w, np.argsort(k_axes + free))
+  # Group parameters: (G, N) -> (G, free...) -> G placed at the first contraction axis.
+  g = jnp.reshape(m, (m.shape[0],) + free_shape)
+  pos = sum(1 for a in free if a < k_axes[0])
+  return jnp.moveaxis(g, 0, pos)
+
+
 def _nbytes(a) -> int:
   return int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
 

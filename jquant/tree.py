@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def shard_like(q: QArray, sharding) -> QArray:
   return jax.tree_util.tree_map(lambda a: _place_like(a, sharding), q)
 
 
-def quantize_params(params, rules: Sequence[Rule], *, key=None):
+def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[Mapping[str, Any]] = None):
   """Quantizes the leaves that ``rules`` select; everything else is untouched.
 
   Args:
@@ -64,6 +64,11 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None):
       pattern ``re.search``-es its ``/``-joined path decides (spec None: keep
       float). Leaves no rule matches stay float.
     key: PRNG key, needed only by specs with stochastic rounding.
+    axes: Optional ``{path: contraction axes}``, e.g. from
+      `jquant.capture.contraction_axes` (the axes read from the model's own
+      matmuls). A leaf found there is quantized along those axes whatever its
+      spec's ``axis``, so that one rule serves ``Dense``, ``DenseGeneral`` and
+      ``Einsum`` kernels alike. Paths may carry a leading ``params/``.
 
   Returns:
     The same tree with the selected leaves replaced by `QArray` s, laid out on
@@ -78,6 +83,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None):
     if not isinstance(r, Rule):
       raise TypeError(f"quantize_params: rules must be jquant.Rule objects, got {type(r).__name__}.")
   seen_paths, quantized = [], [0]
+  axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
 
   def visit(keypath, leaf):
     if is_qarray(leaf) or not _is_float_array(leaf):
@@ -87,6 +93,9 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None):
     matched, spec = first_match(rules, path)
     if not matched or spec is None:
       return leaf
+    found = axes_by_path.get(path.removeprefix("params/"))
+    if found is not None:
+      spec = spec.replace(axis=tuple(found) if len(found) > 1 else found[0])
     try:
       k = None if key is None else jax.random.fold_in(key, len(seen_paths))
       q = quantize(leaf, spec, key=k)
