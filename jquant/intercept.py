@@ -356,10 +356,18 @@ def _record(ctx: _Context, w: _View, x, contract, pair):
   ctx._alive.append(x)
 
 
+def _scan_parts(p, invals):
+  """(consts, carry, xs) of a scan equation (jax >= 0.11 describes them with ``ft_in``)."""
+  if "ft_in" in p:
+    return tuple(map(list, p["ft_in"].update(list(invals)).unpack()))
+  nc, ncar = p["num_consts"], p["num_carry"]
+  return list(invals[:nc]), list(invals[nc:nc + ncar]), list(invals[nc + ncar:])
+
+
 def _scan(eqn, invals, ctx):
   p = eqn.params
-  nc, ncar = p["num_consts"], p["num_carry"]
-  consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+  consts, carry, xs = _scan_parts(p, invals)
+  ncar = len(carry)
   if any(isinstance(c, _View) for c in carry):
     carry = _materialized(carry, "a scan carry")
   # A stacked leaf scanned over (nn.scan) is sliced as a pytree: each step sees one layer's leaf.
@@ -372,9 +380,10 @@ def _scan(eqn, invals, ctx):
     else:
       xs_in.append(x.materialize("a scan over a transposed parameter") if isinstance(x, _View) else x)
       rebuild.append(None)
-  body_jaxpr, body_consts = p["jaxpr"].jaxpr, p["jaxpr"].consts
+  body = p["jaxpr"]
+  body_jaxpr, body_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
 
-  def body(c, x_slices):
+  def step(c, x_slices):
     args = []
     for x, r in zip(x_slices, rebuild):
       if r is None:
@@ -387,7 +396,7 @@ def _scan(eqn, invals, ctx):
   if ctx.record:
     raise InterceptError("capture: matmul inputs inside lax.scan cannot be recorded per layer; unroll the "
                          "layers (e.g. nn.scan -> a Python loop) for calibration.")
-  c_out, ys = jax.lax.scan(body, list(carry), xs_in, length=p["length"], reverse=p["reverse"],
+  c_out, ys = jax.lax.scan(step, list(carry), xs_in, length=p["length"], reverse=p["reverse"],
                            unroll=p["unroll"])
   return [*c_out, *ys]
 
