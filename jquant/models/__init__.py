@@ -8,13 +8,13 @@ Example:
     >>> bert = jquant.models.from_safetensors()           # all-MiniLM-L6-v2
 """
 
-from jquant.models.layers import Dense, RMSNorm, LayerNorm, Embed
+from jquant.models.layers import RMSNorm, LayerNorm
 from jquant.models.llama import LlamaConfig, Model, llama_init, Transformer, Block
 from jquant.models.loaders import from_gguf, gguf_tokenizer, default_gguf_path
 from jquant.models.bert import BertConfig, BertModel, bert_init, from_safetensors
 
 __all__ = [
-    "Dense", "RMSNorm", "LayerNorm", "Embed", "LlamaConfig", "Model", "llama_init", "Transformer", "Block",
+    "RMSNorm", "LayerNorm", "LlamaConfig", "Model", "llama_init", "Transformer", "Block",
     "from_gguf", "gguf_tokenizer", "default_gguf_path", "BertConfig", "BertModel", "bert_init",
     "from_safetensors",
 ]

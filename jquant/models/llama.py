@@ -9,8 +9,9 @@ Parameters are a plain tree (Dense kernels laid out (in, out))::
      ...,
      "final_norm": {"scale"}}            # + "lm_head": {"kernel"} when untied
 
-Every Dense matmul goes through `jquant.ops.qdot`, so any kernel may be a
-packed `jquant.QArray` (dequantized inside the compiled forward).
+It is an ordinary Flax model (``nn.Dense``, ``nn.Embed``, an RMSNorm); quantized
+trees run through `jquant.quantized`, as any user's model does. `Model.apply`
+does that for you.
 
 RoPE follows the Hugging Face layout: the rotated pairs are ``(i, i + hd/2)``
 within each head. GGUF files store q/k rows permuted for llama.cpp's
@@ -22,10 +23,6 @@ Example:
     >>> tokens = jnp.zeros((2, 16), jnp.int32)
     >>> m.apply(m.params, tokens).shape
     (2, 16, 256)
-    >>> h = m.embed(m.params, tokens)
-    >>> for name in m.block_names:
-    ...   h = m.block(m.params[name], h)
-    >>> logits = m.head(m.params, h)       # same as m.apply(m.params, tokens)
 """
 
 from __future__ import annotations
@@ -38,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.layers import Dense, Embed, RMSNorm
+from jquant.intercept import quantized
+from jquant.models.layers import RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +112,11 @@ def apply_rope(x, cos, sin):
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def _dense(c: "LlamaConfig", features: int, name: str) -> nn.Dense:
+  """A Flax Dense without bias in the model's compute dtype (kernels stay float32 parameters)."""
+  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(c.dtype), name=name)
+
+
 class Attention(nn.Module):
   """Causal grouped-query self-attention with RoPE. Dense children: q, k, v, o.
 
@@ -127,9 +130,9 @@ class Attention(nn.Module):
     c = self.config
     b, t, _ = x.shape
     hd, kv, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
-    q = Dense(c.n_heads * hd, name="q")(x).reshape(b, t, c.n_heads, hd)
-    k = Dense(kv * hd, name="k")(x).reshape(b, t, kv, hd)
-    v = Dense(kv * hd, name="v")(x).reshape(b, t, kv, hd)
+    q = _dense(c, c.n_heads * hd, "q")(x).reshape(b, t, c.n_heads, hd)
+    k = _dense(c, kv * hd, "k")(x).reshape(b, t, kv, hd)
+    v = _dense(c, kv * hd, "v")(x).reshape(b, t, kv, hd)
     cos, sin = rope_cos_sin(t, hd, c.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Query head h uses key/value head h // g (Hugging Face's repeat_kv order).
@@ -139,7 +142,7 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * hd)
-    return Dense(c.dim, name="o")(out)
+    return _dense(c, c.dim, "o")(out)
 
 
 class MLP(nn.Module):
@@ -150,8 +153,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    h = jax.nn.silu(Dense(c.ffn_dim, name="gate")(x)) * Dense(c.ffn_dim, name="up")(x)
-    return Dense(c.dim, name="down")(h)
+    h = jax.nn.silu(_dense(c, c.ffn_dim, "gate")(x)) * _dense(c, c.ffn_dim, "up")(x)
+    return _dense(c, c.dim, "down")(h)
 
 
 class Block(nn.Module):
@@ -173,11 +176,11 @@ class Transformer(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embed = Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim**-0.5))
+    self.embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim**-0.5))
     self.layers = [Block(c) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
     self.final_norm = RMSNorm(c.norm_eps)
     if not c.tie_embeddings:
-      self.lm_head = Dense(c.vocab_size)
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype))
 
   def embed_tokens(self, tokens):
     return self.embed(tokens).astype(self.config.dtype)
@@ -193,6 +196,10 @@ class Transformer(nn.Module):
     for layer in self.layers:
       h = layer(h)
     return self.head(h)
+
+
+def _linen_apply(module, params, *args, method=None):
+  return module.apply({"params": params}, *args, method=method)
 
 
 def _check_tokens(tokens, vocab_size):
@@ -226,21 +233,27 @@ class Model:
     return [f"layers_{i}" for i in range(self.config.n_layers)]
 
   def apply(self, params, tokens):
-    """Logits (B, T, V) float32 for int tokens (B, T). Params may hold `QArray` s."""
-    return self.module.apply({"params": params}, _check_tokens(tokens, self.config.vocab_size))
+    """Logits (B, T, V) float32 for int tokens (B, T).
 
+    ``params`` may hold quantized leaves (`QArray`, `W8A8Weight`, QAT
+    leaves): the Flax module runs through `jquant.quantized`.
+    """
+    tokens = _check_tokens(tokens, self.config.vocab_size)
+    return quantized(_linen_apply)(self.module, params, tokens)
+
+  # Transitional: the block API (embed / block / head) that older code walks.
   def embed(self, params, tokens):
     """Hidden states (B, T, d) entering the first block."""
-    return self.module.apply({"params": params}, _check_tokens(tokens, self.config.vocab_size),
-                             method=Transformer.embed_tokens)
+    tokens = _check_tokens(tokens, self.config.vocab_size)
+    return quantized(_linen_apply)(self.module, params, tokens, method=Transformer.embed_tokens)
 
   def block(self, block_params, h):
     """One transformer block, ``params[name]`` for a name in `block_names`."""
-    return Block(self.config).apply({"params": block_params}, h)
+    return quantized(_linen_apply)(Block(self.config), block_params, h)
 
   def head(self, params, h):
     """Final norm and output projection: logits (B, T, V) float32."""
-    return self.module.apply({"params": params}, h, method=Transformer.head)
+    return quantized(_linen_apply)(self.module, params, h, method=Transformer.head)
 
   def generate(self, params, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (needs a tokenizer); returns the new text.
