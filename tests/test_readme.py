@@ -34,9 +34,15 @@ def _run_section(section: str, tmp_path, monkeypatch) -> dict:
 
 def test_gptq_example_runs(tmp_path, monkeypatch):
   import jquant
+  import jax
   s = _run_section("GPTQ (`jquant.gptq`)", tmp_path, monkeypatch)
-  k = s["qparams"]["layers_0"]["mlp"]["down"]["kernel"]
+  k = s["qparams"]["layers_0"]["down"]["kernel"]
   assert isinstance(k, jquant.QArray) and k.bits == 4
+  assert s["report"].total_loss < s["report"].total_rtn_loss and len(s["report"].layers) == 4
+  assert s["logits"].shape == (8, 64, 256)
+  q = [v for v in jax.tree_util.tree_leaves(s["qstate"], is_leaf=lambda v: isinstance(v, jquant.QArray))
+       if isinstance(v, jquant.QArray)]
+  assert len(q) == 2 and s["y"].shape == (8, 16, 64)
 
 
 def test_awq_example_runs(tmp_path, monkeypatch):
@@ -68,3 +74,12 @@ def test_models_example_runs(tmp_path, monkeypatch, capsys):
 def test_export_example_runs(tmp_path, monkeypatch):
   s = _run_section("Exporting quantized models (`jquant.export`)", tmp_path, monkeypatch)
   assert s["same"] and s["exp"].platforms == ("cpu", "tpu", "cuda")
+
+
+def test_any_model_example_runs(tmp_path, monkeypatch):
+  import jquant
+  s = _run_section("Any model: your own Linen or NNX transformer (`jquant.quantized`)", tmp_path, monkeypatch)
+  assert s["axes"]["layers_0/o/kernel"] == (0, 1) and s["axes"]["layers_0/v/kernel"] == (1,)
+  assert isinstance(s["qparams"]["layers_1"]["o"]["kernel"], jquant.QArray)
+  assert float(abs(s["logits"] - s["ref"]).max()) < 1e-4
+  assert s["y"].shape == (4, 128)
