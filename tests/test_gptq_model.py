@@ -1,4 +1,4 @@
-"""GPTQ model pass on a two-block toy Llama."""
+"""GPTQ model pass on a two-block toy Llama (jquant's own model, through the same generic path as any model)."""
 
 import jax
 import jax.numpy as jnp
@@ -56,16 +56,15 @@ def test_shared_inputs_share_one_hessian(toy, single):
   comes out as if solved alone with the Hessian of the recorded inputs."""
   m, calib, _ = toy
   qparams, _ = single
-  shared = []
+  cap = jquant.capture.capture(m.apply, m.params, jnp.asarray(calib))
+  assert ["layers_0/attn/q/kernel", "layers_0/attn/k/kernel", "layers_0/attn/v/kernel"] in cap.groups
+  assert ["layers_0/mlp/gate/kernel", "layers_0/mlp/up/kernel"] in cap.groups
 
   @jax.jit
   def hess_q(params, tokens):
-    _, xs = jquant.capture.capture_inputs(m.block, params["layers_0"], m.embed(params, tokens))
-    shared.append(xs["attn/q/kernel"] is xs["attn/k/kernel"] is xs["attn/v/kernel"])
-    return gptq.hessian(xs["attn/q/kernel"])
+    return gptq.hessian(jquant.capture.capture(m.apply, params, tokens).inputs["layers_0/attn/q/kernel"])
 
   hess = hess_q(m.params, jnp.asarray(calib))
-  assert shared == [True]
   q, _ = gptq.solve(m.params["layers_0"]["attn"]["q"]["kernel"], hess, SPEC)
   np.testing.assert_array_equal(np.asarray(q.codes()),
                                 np.asarray(qparams["layers_0"]["attn"]["q"]["kernel"].codes()))
@@ -98,6 +97,17 @@ def test_skip_positions_and_options(toy):
   assert rep.tokens == 12 * 31
   assert rep.rtn_leaves == ("embed/embedding",) and isinstance(q["embed"]["embedding"], jquant.QArray)
   assert not isinstance(q["layers_0"]["attn"]["q"]["kernel"], jquant.QArray)
+  # A zero weight on position 0 is the same Hessian as skipping it: the same codes.
+  pw = np.ones(32, np.float32)
+  pw[0] = 0.0
+  q2, rep2 = gptq.quantize_model(m, m.params, calib, rules, batch_size=4, position_weights=pw, progress=False,
+                                 return_report=True)
+  assert rep2.tokens == 12 * 31
+  for name in ("gate", "up", "down"):
+    np.testing.assert_array_equal(np.asarray(q2["layers_0"]["mlp"][name]["kernel"].codes()),
+                                  np.asarray(q["layers_0"]["mlp"][name]["kernel"].codes()))
+  with pytest.raises(ValueError, match=r"position_weights must be 32"):
+    gptq.quantize_model(m, m.params, calib, rules, progress=False, position_weights=np.ones(31))
   with pytest.raises(TypeError, match="unknown solver options"):
     gptq.quantize_model(m, m.params, calib, rules, progress=False, blocksize=64)
   with pytest.raises(ValueError, match="skip_positions=32"):

@@ -127,3 +127,34 @@ def test_interleaved_blocks_are_refused():
   p = {"layers_0": {"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}, "layers_1": {"w": jnp.ones((4, 4))}}
   with pytest.raises(graph.GraphError, match="still reads its parameters"):
     graph.trace(fn, p, jnp.ones((2, 4)))
+
+
+class _ConstBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    gain = np.linspace(0.5, 1.5, x.shape[-1]).astype(np.float32)  # numpy constant: a top-level constvar
+    return x + nn.Dense(32, name="down")(jax.nn.gelu(nn.Dense(64, name="up")(x * gain)))
+
+
+class _ConstNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = _ConstBlock(name=f"layers_{i}")(x)
+    return x
+
+
+def test_program_with_constants_runs_block_by_block():
+  # A model closing over numpy arrays traces to a program with constvars; every segment must bind them.
+  m = _ConstNet()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  params = m.init(jax.random.key(1), x)["params"]
+  fn = lambda p, t: m.apply({"params": p}, t)
+  prog = graph.trace(fn, params, x)
+  assert prog.jaxpr.constvars
+  np.testing.assert_allclose(_run_all(prog, params, x), fn(params, x), rtol=1e-6, atol=1e-6)
+  seg = prog.block_segments[0]
+  flat = dict(zip(prog.param_paths, graph._flat_params(params)))
+  state = prog.prefix(params, x)
+  outs, inputs = prog.jitted(seg, record=True)(prog.block_params(flat, seg), graph.state_list(seg, state))
+  assert sorted(inputs) == ["down/kernel", "up/kernel"]

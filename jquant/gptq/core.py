@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jquant.qarray import QArray, compute_scale_zero, dequantize, quantize_values
+from jquant.qarray import QArray, compute_scale_zero, dequantize, dequantize_values, quantize_values
 from jquant.spec import QuantSpec
 
 _HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
@@ -309,7 +309,7 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
         s, z = scale[g][None], None if sym else zero[g][None]
         c, _, _ = quantize_values(x[None], chan, scale=s, zero_point=z)
         cf = c[0].astype(jnp.float32)
-        q = cf * s[0] if sym else (cf - z[0]) * s[0]
+        q = dequantize_values(cf, s[0], None if sym else z[0], chan)  # float mins: s * q - m
         e = (x - q) / u2[i, i]
         w2 = w2 - u2[i][:, None] * e[None, :]  # u2 is upper: earlier rows untouched
         return w2, err2.at[i].set(e), codes2.at[i].set(c[0]), scale, zero, visited

@@ -1,35 +1,58 @@
-"""GPTQ over a whole model, one transformer block at a time.
+"""GPTQ over any model, one transformer block at a time.
 
-`quantize_model` embeds the calibration windows once, then for each block:
+`quantize_model` takes a model as data (`jquant.graph`): a Linen module with
+its params, an NNX module, jquant's own models, or an apply function. The
+model's program is traced once and cut into a prefix, one segment per block
+(found from the parameter paths: ``layers_0..N``, ``blocks/3``, ``layer_0``,
+or a user regex ``blocks=``) and a suffix. Then, for each block:
 
-1. records the input of every Dense layer with `jquant.capture` (inside a
-   jitted step) and accumulates ``H = 2/N sum x x^T`` in float32, batch by
-   batch; layers fed by the same array (q/k/v, gate/up) share one Hessian;
-2. solves every kernel that a rule selects (`jquant.gptq.solve_codes`);
-   kernels sharing a Hessian and a spec are solved as one matrix, their output
-   columns side by side (columns are independent given H);
-3. runs the *quantized* block on the stored inputs to produce the next block's
-   inputs (sequential GPTQ: later blocks calibrate on what they will see).
+1. the block runs on the stored calibration state with every matmul input
+   recorded (`jquant.capture`'s interpreter) and ``H = 2/N sum x x^T`` is
+   accumulated in float32 on device, batch by batch, inside one compiled step
+   shared by all alike blocks; layers that read the same array (q/k/v,
+   gate/up) share one Hessian;
+2. every rule-selected weight is solved by `jquant.gptq.solve_codes` on its
+   ``(K, N)`` matrix view (`jquant.qarray.to_matrix` over the contraction
+   axes the model's own ``dot_general`` uses, so ``nn.DenseGeneral`` and
+   ``nn.Einsum`` kernels need no per-leaf axes); weights sharing a Hessian
+   and a spec are solved as one matrix, their output columns side by side
+   (columns are independent given H), and packed back into `QArray` s along
+   those axes, which `jquant.quantized` runs packed;
+3. the *quantized* block produces the next block's state (sequential GPTQ:
+   later blocks calibrate on what they will see).
 
 Memory stays near one block's activations for the calibration set. Leaves a
-rule selects outside the blocks' Dense kernels (e.g. an untied output head)
-are quantized by round-to-nearest (`jquant.quantize_params`).
+rule selects that no block matmul reads (an untied output head, an embedding)
+are quantized by round-to-nearest (`jquant.quantize_params`, along the
+contraction axes read from the model where it has them); the report lists
+them.
 
-With a ``mesh``, the Hessian accumulation is data parallel (each device takes
-a slice of the batch; the partial sums are ``psum``-ed) and each solve splits
-its output columns over all mesh devices; the result equals the single-device
-one.
+With a ``mesh``, each batch's state is split over ``data_axis`` (the Hessian
+sums reduce across devices in the compiled step) and each solve splits its
+output columns over all mesh devices; the result equals the single-device one
+up to the order of the Hessian's float sums.
 
 Example:
-    >>> import jax, jquant
-    >>> m = jquant.models.llama_init(jquant.models.LlamaConfig(), jax.random.key(0))
-    >>> calib = jax.random.randint(jax.random.key(1), (8, 64), 0, m.config.vocab_size)
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jquant
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return x + nn.Dense(64, name="down")(jax.nn.gelu(nn.Dense(256, name="up")(nn.LayerNorm()(x))))
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     for i in range(2):
+    ...       x = Block(name=f"layers_{i}")(x)
+    ...     return x
+    >>> x = jax.random.normal(jax.random.key(0), (16, 32, 64))
+    >>> net = Net()
+    >>> params = net.init(jax.random.key(1), x)["params"]
     >>> spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32)
-    >>> rules = [jquant.Rule(r"layers_\\d+/(attn|mlp)/\\w+/kernel$", spec)]
-    >>> qparams, report = jquant.gptq.quantize_model(m, m.params, calib, rules, progress=False,
-    ...                                              return_report=True)
+    >>> qparams, report = jquant.gptq.quantize_model(net, params, x, [jquant.Rule("kernel", spec)],
+    ...                                              progress=False, return_report=True)
     >>> report.total_loss < report.total_rtn_loss
     True
+    >>> y = jax.jit(jquant.quantized(net.apply))({"params": qparams}, x)
 """
 
 from __future__ import annotations
@@ -39,35 +62,37 @@ import functools
 import time
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jquant.capture import capture_inputs
+from jquant import graph, intercept
 from jquant.gptq import core
-from jquant.qarray import QArray, quantize
+from jquant.qarray import QArray, dequantize, quantize, to_matrix
 from jquant.spec import QuantSpec, Rule, first_match
-from jquant.tree import quantize_params
-from jquant.utils import get_path as _get, set_path as _set, path_str
+from jquant.tree import quantize_params, shard_like
 
 SOLVER_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "damp_tries", "damp_growth")
 
 
 class LayerReport(NamedTuple):
-  """One quantized kernel.
+  """One quantized weight.
 
   Attributes:
-    path: ``"layers_3/mlp/up/kernel"``.
-    shape: Kernel shape ``(in, out)``.
+    path: Full parameter path, ``"layers_3/mlp/up/kernel"``.
+    shape: The weight's logical shape (``(in, out)`` for a Dense kernel).
     spec: Short description of its `QuantSpec`.
-    loss: GPTQ's ``sum (w-q)^T H (w-q) / 2`` on the block's calibration inputs.
+    loss: GPTQ's ``sum_j (w-q)_j^T H (w-q)_j / 2`` over the columns of the
+      ``(K, N)`` matrix view, on the block's calibration inputs.
     rtn_loss: The same for round-to-nearest with the same spec and H.
     damp: Relative dampening used.
     seconds: Solve time (shared solves split by column count).
+    axes: The contraction axes the weight was quantized along.
   """
 
   path: str
@@ -77,11 +102,20 @@ class LayerReport(NamedTuple):
   rtn_loss: float
   damp: float
   seconds: float
+  axes: tuple = (0,)
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTQReport:
-  """Per-layer results of `quantize_model`; ``print(report)`` gives a table."""
+  """Per-layer results of `quantize_model`; ``print(report)`` gives a table.
+
+  Attributes:
+    layers: `LayerReport` per solved weight, in block and call order.
+    seconds: Wall time of the whole pass.
+    rtn_leaves: Paths quantized by round-to-nearest (selected by a rule, but
+      no block matmul reads them).
+    tokens: Calibration rows per Hessian (positions with a non-zero weight).
+  """
 
   layers: tuple
   seconds: float
@@ -98,15 +132,17 @@ class GPTQReport:
 
   def __str__(self):
     w = max([len(l.path) for l in self.layers] + [5])
+    shapes = ["x".join(str(s) for s in l.shape) + ("" if l.axes == (0,) else f" @{','.join(map(str, l.axes))}")
+              for l in self.layers]
+    sw = max([len(s) for s in shapes] + [11])
     lines = [f"GPTQ: {len(self.layers)} kernels, {self.tokens} calibration tokens per Hessian, "
              f"{self.seconds:.1f}s",
-             f"| {'layer':<{w}} | {'shape':>11} | {'spec':<16} | {'gptq loss':>10} | {'rtn loss':>10} | "
+             f"| {'layer':<{w}} | {'shape':>{sw}} | {'spec':<16} | {'gptq loss':>10} | {'rtn loss':>10} | "
              f"{'ratio':>6} | {'damp':>6} |",
-             f"|{'-' * (w + 2)}|{'-' * 13}|{'-' * 18}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 8}|"]
-    for l in self.layers:
+             f"|{'-' * (w + 2)}|{'-' * (sw + 2)}|{'-' * 18}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 8}|"]
+    for l, shape in zip(self.layers, shapes):
       ratio = l.loss / l.rtn_loss if l.rtn_loss > 0 else float("nan")
-      shape = "x".join(str(s) for s in l.shape)
-      lines.append(f"| {l.path:<{w}} | {shape:>11} | {l.spec:<16} | {l.loss:>10.4g} | {l.rtn_loss:>10.4g} | "
+      lines.append(f"| {l.path:<{w}} | {shape:>{sw}} | {l.spec:<16} | {l.loss:>10.4g} | {l.rtn_loss:>10.4g} | "
                    f"{ratio:>6.3f} | {l.damp:>6.3g} |")
     tot = self.total_loss / self.total_rtn_loss if self.total_rtn_loss > 0 else float("nan")
     lines.append(f"total loss {self.total_loss:.5g} vs RTN {self.total_rtn_loss:.5g} (ratio {tot:.3f})")
@@ -127,102 +163,161 @@ def _spec_str(spec: QuantSpec) -> str:
   return f"W{spec.bits} {g} {'sym' if spec.symmetric else 'asym'}{' mse' if spec.clip == 'mse' else ''}"
 
 
-def _shared_groups(model, bp, hb) -> list[list[str]]:
-  """Dense paths grouped by identity of the array they receive (found by tracing once)."""
-  found = []
-
-  def probe(bp, hb):
-    out, xs = capture_inputs(model.block, bp, hb)
-    xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
-    groups: list[list[str]] = []
-    for path, x in xs.items():
-      for g in groups:
-        if xs[g[0]] is x:
-          g.append(path)
-          break
-      else:
-        groups.append([path])
-    found.append(groups)
-    return out
-
-  jax.eval_shape(probe, bp, hb)
-  return found[0]
+# ----------------------------------------------------------------------------------------------
+# Packing and losses on the (K, N) matrix view
+# ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "shapes", "dtypes"))
-def _split_pack(codes, scale, zero, *, spec, shapes, dtypes):
-  """Cuts a side-by-side solve back into one packed `QArray` per kernel."""
+def _axis_spec(spec: QuantSpec, k_axes: tuple) -> QuantSpec:
+  return spec.replace(axis=k_axes if len(k_axes) > 1 else k_axes[0])
+
+
+def _group_layout(m, shape, k_axes):
+  """Group parameters (G, N) of the matrix view -> the weight's layout with its contraction axes as one axis of G."""
+  free_shape = tuple(d for a, d in enumerate(shape) if a not in k_axes)
+  return jnp.moveaxis(jnp.reshape(m, (m.shape[0],) + free_shape), 0, k_axes[0])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "shapes", "k_axes", "dtypes"))
+def _split_pack(codes, scale, zero, *, spec, shapes, k_axes, dtypes):
+  """Cuts a side-by-side solve (K, sum N) back into one packed `QArray` per weight, along its own axes."""
   out, start = [], 0
-  for shape, dtype in zip(shapes, dtypes):
-    width = int(np.prod(shape[1:]))
+  for shape, ka, dtype in zip(shapes, k_axes, dtypes):
+    width = int(np.prod([d for a, d in enumerate(shape) if a not in ka]))
     if spec.granularity == "tensor":  # never solved side by side
-      cut = lambda x: None if x is None else x.reshape((1,) * len(shape))
-      c = codes.reshape(shape)
+      c = codes
+      lay = lambda x: None if x is None else x.reshape((1,) * (len(shape) - len(ka) + 1))
     else:
-      cut = lambda x: None if x is None else x[:, start:start + width].reshape((x.shape[0],) + shape[1:])
-      c = codes[:, start:start + width].reshape(shape)
-    out.append(core.pack(core.Solution(c, cut(scale), cut(zero), None, None, None), spec, dtype))
+      c = codes[:, start:start + width]
+      lay = lambda x: None if x is None else _group_layout(x[:, start:start + width], shape, ka)
+    # Codes back to the weight's logical layout (the inverse of to_matrix).
+    free = tuple(a for a in range(len(shape)) if a not in ka)
+    c = jnp.transpose(c.reshape(tuple(shape[a] for a in ka + free)), np.argsort(ka + free))
+    out.append(QArray.from_codes(c, lay(scale), lay(zero), _axis_spec(spec, ka), dtype))
     start += width
   return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _layer_losses(w, q, h, *, spec):
-  return core.quant_loss(w, q, h), core.quant_loss(w, quantize(w, spec), h)
+@functools.partial(jax.jit, static_argnames=("spec", "k_axes"))
+def _layer_losses(w, q, h, *, spec, k_axes):
+  """GPTQ's and RTN's ``sum_j (w-q)_j^T H (w-q)_j / 2`` on the (K, N) view of ``w``."""
+  w2 = to_matrix(w.astype(jnp.float32), k_axes)
+  deq = to_matrix(dequantize(q, jnp.float32), k_axes)
+  return core.quant_loss(w2, deq, h), core.quant_loss(w2, quantize(w2, spec.replace(axis=0)), h)
 
 
-class _Steps(NamedTuple):
-  embed: Any
-  hess_step: Any
-  block_fwd: Any
+# ----------------------------------------------------------------------------------------------
+# Hessians, accumulated inside the block's compiled step
+# ----------------------------------------------------------------------------------------------
 
 
-_STEPS: dict = {}
+def _row_weights(path, x, row_w, pos_w, skip):
+  """Per-row Hessian weights shaped ``x.shape[:-1]`` (None: every row counts once)."""
+  w = None
+  if skip or pos_w is not None:
+    if x.ndim < 3:
+      raise ValueError(
+          f"quantize_model: skip_positions/position_weights apply to axis -2 of the recorded (B, T, K) inputs, "
+          f"but the input of {path!r} has shape {tuple(x.shape)} (no position axis); use skip_positions=0 and "
+          "position_weights=None for this model.")
+    t = x.shape[-2]
+    if skip >= t:
+      raise ValueError(f"quantize_model: skip_positions={skip}; allowed: an int in 0..{t - 1} (the input of "
+                       f"{path!r} has {t} positions on axis -2).")
+    pw = (jnp.arange(t) >= skip).astype(jnp.float32)
+    if pos_w is not None:
+      if pos_w.shape != (t,):
+        raise ValueError(f"quantize_model: position_weights has shape {tuple(pos_w.shape)}; allowed: ({t},), one "
+                         f"weight per position of axis -2 of the input of {path!r} (shape {tuple(x.shape)}).")
+      pw = pw * pos_w
+    w = jnp.broadcast_to(pw, x.shape[:-1])
+  if row_w is not None:
+    if x.ndim < 2 or x.shape[0] != row_w.shape[0]:
+      raise ValueError(
+          f"quantize_model: the calibration set was padded to whole batches of {row_w.shape[0]}, but the input "
+          f"of {path!r} has shape {tuple(x.shape)}, without the batch on axis 0; pass a number of examples that "
+          "batch_size divides, or a list of batches.")
+    rw = jnp.reshape(row_w, (-1,) + (1,) * (x.ndim - 2))
+    w = jnp.broadcast_to(rw, x.shape[:-1]) if w is None else w * rw
+  return w
 
 
-def _steps(model, mesh, data_axis) -> _Steps:
-  """Jitted embed / Hessian / forward steps, cached per (model object, mesh).
+@functools.lru_cache(maxsize=None)
+def _hessian_reduce(skip: int):
+  """The reduction of a block's recorded inputs to Hessian sums (one object per ``skip``: a stable jit key)."""
 
-  Repeated passes over one model (sweeps, tests) reuse the compiled steps. The
-  functions hold the model only through a weak reference, and the cache entry
-  goes away with the model.
+  def reduce(outs, inputs, sums, row_w, pos_w):
+    del outs
+    new = {}
+    for r, (st, rows) in sums.items():
+      x = inputs[r]
+      w = _row_weights(r, x, row_w, pos_w, skip)
+      n = int(np.prod(x.shape[:-1])) if w is None else jnp.sum(w > 0)
+      new[r] = (core.hessian_update(st, x, w), rows + n)
+    return new
+
+  return reduce
+
+
+# ----------------------------------------------------------------------------------------------
+# The traced program, cached per model
+# ----------------------------------------------------------------------------------------------
+
+
+class _Traced(NamedTuple):
+  prog: graph.Program
+  matmuls: dict  # seg.key -> (axes, groups), relative paths
+
+
+_PROGRAMS: dict = {}
+
+
+def _struct(x):
+  if intercept.is_quantized(x):
+    s = intercept.logical_struct(x)
+    return (type(x).__name__, tuple(s.shape), str(s.dtype))
+  return (tuple(np.shape(x)), str(jnp.result_type(x)))
+
+
+def _traced(model, apply, params, example, blocks) -> _Traced:
+  """`graph.trace` of ``apply``, cached per (model object, parameter and input structure, blocks).
+
+  Repeated passes over one model (sweeps, tests) reuse the program and with
+  it the compiled block steps. The cache holds the model only weakly; its
+  entry goes away with the model.
   """
-  key = (id(model), mesh, data_axis)
-  hit = _STEPS.get(key)
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
+  in_leaves, in_tree = jax.tree_util.tree_flatten(example)
+  key = (id(model), treedef, tuple(_struct(v) for v in leaves), in_tree, tuple(_struct(v) for v in in_leaves),
+         blocks)
+  try:
+    hit = _PROGRAMS.get(key)
+  except TypeError:  # an unhashable tree definition: no caching
+    key, hit = None, None
   if hit is not None and hit[0]() is model:
     return hit[1]
-  try:
-    ref, cacheable = weakref.ref(model), True
-  except TypeError:  # not weak-referenceable: no caching
-    ref, cacheable = (lambda: model), False
+  entry = _Traced(graph.trace(apply, params, *example, blocks=blocks), {})
+  if key is not None:
+    try:
+      ref = weakref.ref(model)
+    except TypeError:  # not weak-referenceable: no caching
+      return entry
+    weakref.finalize(model, _PROGRAMS.pop, key, None)
+    _PROGRAMS[key] = (ref, entry)
+  return entry
 
-  def data_parallel(fn, n_batch_args, out_specs):
-    if mesh is None:
-      return fn
-    in_specs = (P(),) + (P(data_axis),) * n_batch_args
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
-  embed = jax.jit(lambda p, t: ref().embed(p, t))
+def _matmuls(traced: _Traced, seg, flat, state):
+  """``(axes, groups)`` of a segment's matmuls, found once per segment structure."""
+  hit = traced.matmuls.get(seg.key)
+  if hit is None:
+    hit = traced.matmuls[seg.key] = traced.prog.matmuls(seg, flat, state)
+  return hit
 
-  @functools.partial(jax.jit, static_argnames=("reps",))
-  def hess_step(bp, hb, wb, sums, reps):
-    def local(bp, hb, wb):
-      _, xs = capture_inputs(ref().block, bp, hb)
-      xs = {k.removesuffix('/kernel'): v for k, v in xs.items()}
-      out = {}
-      for r in reps:
-        st = core.hessian_update(core.hessian_init(xs[r].shape[-1]), xs[r], wb)
-        out[r] = st if mesh is None else jax.tree_util.tree_map(lambda a: jax.lax.psum(a, data_axis), st)
-      return out
-    part = data_parallel(local, 2, P())(bp, hb, wb)
-    return jax.tree_util.tree_map(jnp.add, sums, part)
 
-  block_fwd = jax.jit(data_parallel(lambda bp, hb: ref().block(bp, hb), 1, P(data_axis)))
-  steps = _Steps(embed, hess_step, block_fwd)
-  if cacheable:
-    weakref.finalize(model, _STEPS.pop, key, None)
-    _STEPS[key] = (ref, steps)
-  return steps
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 
 
 def _check_options(options):
@@ -231,31 +326,126 @@ def _check_options(options):
     raise TypeError(f"quantize_model: unknown solver options {unknown}; allowed: {list(SOLVER_OPTIONS)}.")
 
 
-def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch_size: int = 8,
-                   mesh: Optional[Mesh] = None, data_axis: Optional[str] = None, skip_positions: int = 0,
-                   position_weights=None,
-                   return_report: bool = False, progress: bool = True, verbose: Optional[bool] = None,
-                   **solver_options):
-  """GPTQ-quantizes every rule-selected Dense kernel of ``model``, block by block.
+def _calibration(calib, batch_size, n_data):
+  """``(batches, row weights per batch or None)``.
+
+  An array (or pytree of arrays sharing axis 0) is split into batches of one
+  size, the last one padded with copies of the first examples that get
+  weight 0 (one compiled step; with a mesh, a multiple of the data axis).
+  A list of batches is used as given.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"quantize_model: batch_size={batch_size!r}; allowed: a positive int.")
+  if isinstance(calib, list):
+    return graph.batches(calib, batch_size, fn="quantize_model"), None
+  leaves, tree = jax.tree_util.tree_flatten(calib)
+  if not leaves:
+    graph.batches(calib, batch_size, fn="quantize_model")  # raises: empty
+  leaves = [np.asarray(a) for a in leaves]
+  if any(a.ndim == 0 for a in leaves) or len({a.shape[0] for a in leaves}) != 1 or leaves[0].shape[0] < 1:
+    raise ValueError(f"quantize_model: calib must be an array of examples (N >= 1, ...), a pytree of such arrays "
+                     f"sharing N, or a list of batches; got leaves of shapes {[a.shape for a in leaves]}.")
+  n = leaves[0].shape[0]
+  bsz = min(batch_size, n) if n_data == 1 else -(-batch_size // n_data) * n_data
+  n_pad = -(-n // bsz) * bsz
+  if n_pad > n:
+    leaves = [np.concatenate([a, np.repeat(a[:1], n_pad - n, axis=0)]) for a in leaves]
+  real = (np.arange(n_pad) < n).astype(np.float32)
+  batches, weights = [], []
+  for i in range(0, n_pad, bsz):
+    batches.append((jax.tree_util.tree_unflatten(tree, [a[i:i + bsz] for a in leaves]),))
+    weights.append(real[i:i + bsz])
+  return batches, (weights if n_pad > n else None)
+
+
+def _placer(mesh, data_axis):
+  """Functions putting parameters (replicated) and batch data (split on axis 0 where it divides) on the mesh."""
+  if mesh is None:
+    return (lambda t: t), (lambda t: t)
+  rep, n_data = NamedSharding(mesh, P()), mesh.shape[data_axis]
+  split = NamedSharding(mesh, P(data_axis))
+  params = lambda t: jax.device_put(t, rep)
+
+  def data(t):
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, split if np.ndim(a) and np.shape(a)[0] % n_data == 0 else rep), t)
+
+  return params, data
+
+
+def _targets(seg, flat, axes, groups, rules):
+  """``({relative path: (full path, spec, contraction axes)}, groups of targets)`` of one block."""
+  full_of = dict(zip(seg.rel, seg.params))
+  targets = {}
+  for r in (p for g in groups for p in g):
+    if r.startswith("/"):  # a parameter outside the block (e.g. tied weights): not solved here
+      continue
+    full = full_of[r]
+    leaf = flat[full]
+    if intercept.is_quantized(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      continue
+    matched, spec = first_match(rules, full)
+    if not matched or spec is None:
+      continue
+    if not isinstance(spec, QuantSpec):
+      raise TypeError(f"quantize_model: the rule for {full} gives a {type(spec).__name__}; "
+                      "allowed: a jquant.QuantSpec or None.")
+    ka = tuple(axes[r])
+    if ka != tuple(range(ka[0], ka[-1] + 1)):
+      raise ValueError(
+          f"quantize_model: {full!r} (shape {tuple(jnp.shape(leaf))}) is contracted over axes {ka}, which are not "
+          "adjacent; a QArray packs adjacent contraction axes only. Keep it in float (a rule with spec None "
+          "before the others) or lay the weight out with its contraction axes together.")
+    targets[r] = (full, spec, ka)
+  groups = [[r for r in g if r in targets] for g in groups]
+  return targets, [g for g in groups if g]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional[str] = None,
+                   batch_size: int = 8, mesh: Optional[Mesh] = None, data_axis: Optional[str] = None,
+                   skip_positions: int = 0, position_weights=None, return_report: bool = False,
+                   progress: bool = True, verbose: Optional[bool] = None, **solver_options):
+  """GPTQ-quantizes every rule-selected weight of any model, block by block.
+
+  Follows GPTQ (Frantar et al., 2022, arXiv:2210.17323): sequential over
+  blocks, one Hessian ``H = 2/N sum x x^T`` per group of layers sharing an
+  input, lazy-batch column updates in `jquant.gptq.solve_codes`.
 
   Args:
-    model: A jquant model with the block API (``embed``, ``block``,
-      ``block_names``), e.g. `jquant.models.from_gguf()` or a toy
-      `jquant.models.llama_init` model.
-    params: Its float parameters.
-    calib_windows: int token windows ``(N, T)``.
-    rules: `jquant.Rule` list matched on paths like ``layers_3/attn/q/kernel``;
-      the first match decides, spec None keeps a leaf in float.
-    batch_size: Windows per jitted step.
+    model: A Linen module, an NNX module, an object with
+      ``.apply(params, *inputs)`` (jquant's models), or a function
+      ``f(params, *inputs)`` (see `jquant.graph.as_apply`). The model is not
+      edited.
+    params: Its float parameters: Linen's ``params`` collection (the inner
+      tree, or ``{"params": tree}``), an ``nnx.State``; None for an NNX
+      module or an object holding ``.params``.
+    calib: Calibration inputs: an array of examples ``(N, ...)`` (int token
+      windows ``(N, T)``, embeddings, images) or a pytree of arrays sharing
+      ``N``, split into batches of ``batch_size``; or a list of batches, each
+      a tuple of positional inputs (any pytree).
+    rules: `jquant.Rule` list matched on full parameter paths
+      (``layers_3/attn/q/kernel``, NNX ``layers/3/attn/q/kernel``); the first
+      match decides, spec None keeps a leaf in float. Each weight is quantized
+      along the contraction axes its matmul uses (read from the model), whatever
+      the spec's ``axis``.
+    blocks: Optional regex naming the blocks on parameter paths (its match is
+      the block key, e.g. ``r"decoder/layer_\\d+"``); default: repeated
+      numbered submodules (`jquant.graph.find_blocks`).
+    batch_size: Examples per compiled step.
     mesh: Optional `jax.sharding.Mesh`: data-parallel Hessians over
       ``data_axis``, output columns of each solve over all mesh axes.
     data_axis: Mesh axis the calibration batch is split over (default: the
       mesh's first axis).
-    skip_positions: Leave the first positions of every window out of the
-      Hessians (e.g. 1 for an attention sink at position 0).
-    position_weights: Optional non-negative weight per window position
-      ``(T,)`` for the Hessians (``H = 2 sum_t a_t x_t x_t^T / sum_t a_t``),
-      e.g. a larger weight on position 0 to protect the attention sink.
+    skip_positions: Leave the first positions (axis -2 of the recorded
+      ``(B, T, K)`` inputs) out of the Hessians, e.g. 1 for an attention sink
+      at position 0.
+    position_weights: Optional non-negative weight per position ``(T,)`` for
+      the Hessians (``H = 2 sum_t a_t x_t x_t^T / sum_t a_t``).
     return_report: Return a `GPTQResult` ``(params, report)`` instead of the
       params alone.
     progress: A tqdm bar over blocks.
@@ -265,11 +455,21 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
       ``damp_growth``.
 
   Returns:
-    The parameter tree with `QArray` kernels (or a `GPTQResult`).
+    The parameter tree (same structure as ``params``) with `QArray` weights,
+    runnable with ``jquant.quantized(apply)``; or a `GPTQResult`.
 
   Raises:
-    ValueError: bad windows or options, or a Hessian that no dampening makes
-      positive definite (naming the layers and damp values tried).
+    ValueError: bad calibration data or options; non-finite weights or
+      calibration activations (naming the leaf); a Hessian that no dampening
+      makes positive definite (naming the layers and the damps tried);
+      weights contracted over non-adjacent axes.
+    jquant.graph.GraphError: no blocks found, or blocks that cannot be run one
+      at a time.
+    TypeError: unknown solver options or rules that are not `jquant.Rule`.
+
+  Example:
+    >>> qparams = jquant.gptq.quantize_model(net, params, tokens, rules, act_order=True)
+    >>> logits = jax.jit(jquant.quantized(net.apply))({"params": qparams}, tokens)
   """
   _check_options(solver_options)
   verbose = progress if verbose is None else verbose
@@ -277,126 +477,237 @@ def quantize_model(model, params, calib_windows, rules: Sequence[Rule], *, batch
   for r in rules:
     if not isinstance(r, Rule):
       raise TypeError(f"quantize_model: rules must be jquant.Rule objects, got {type(r).__name__}.")
-  calib = np.asarray(calib_windows)
-  if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer) or calib.shape[0] < 1:
-    raise ValueError(f"quantize_model: calib_windows must be int tokens (N >= 1, T); got shape {calib.shape}, "
-                     f"dtype {calib.dtype}.")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"quantize_model: batch_size={batch_size!r}; allowed: a positive int.")
-  n, length = calib.shape
-  if not isinstance(skip_positions, (int, np.integer)) or not 0 <= skip_positions < length:
-    raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int in 0..{length - 1}.")
+  if isinstance(skip_positions, bool) or not isinstance(skip_positions, (int, np.integer)) or skip_positions < 0:
+    raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int >= 0.")
+  skip_positions = int(skip_positions)
   if position_weights is not None:
     position_weights = np.asarray(position_weights, np.float32)
-    if position_weights.shape != (length,) or not np.all(position_weights >= 0) or not position_weights.any():
+    if position_weights.ndim != 1 or not np.all(position_weights >= 0) or not position_weights.any():
+      raise ValueError(f"quantize_model: position_weights must be non-negative floats, one per position, not all "
+                       f"zero; got shape {position_weights.shape}.")
+  if isinstance(calib, (np.ndarray, jax.Array)) and np.ndim(calib) == 2:
+    length = np.shape(calib)[1]  # token windows (N, T): check the positions up front
+    if skip_positions >= length:
+      raise ValueError(f"quantize_model: skip_positions={skip_positions}; allowed: an int in 0..{length - 1}.")
+    if position_weights is not None and position_weights.shape != (length,):
       raise ValueError(f"quantize_model: position_weights must be {length} non-negative floats (one per window "
                        f"position), not all zero; got shape {position_weights.shape}.")
+  apply, own = graph.as_apply(model)
+  wrapped = False
+  if params is None:
+    params = own
+    if params is None:
+      raise ValueError(f"quantize_model: params=None, but {type(model).__name__} holds no parameters; pass the "
+                       "float parameter tree (Linen: model.init(...)['params']).")
+  elif _is_linen(model) and isinstance(params, Mapping) and list(params) == ["params"]:
+    params, wrapped = params["params"], True
   start = time.perf_counter()
 
-  # Fixed batch shape (one compilation); with a mesh, a multiple of the data axis size.
+  n_data = 1
   if mesh is not None:
     data_axis = data_axis or mesh.axis_names[0]
     if data_axis not in mesh.axis_names:
       raise ValueError(f"quantize_model: data_axis={data_axis!r}; allowed: one of {mesh.axis_names}.")
     n_data = mesh.shape[data_axis]
-    batch_size = -(-batch_size // n_data) * n_data
-  bsz = min(batch_size, n) if mesh is None else batch_size
-  n_pad = -(-n // bsz) * bsz
-  tokens = np.concatenate([calib, np.repeat(calib[:1], n_pad - n, axis=0)]).astype(np.int32)
-  row_real = (np.arange(n_pad) < n).astype(np.float32)
-  pos_w = (np.arange(length) >= skip_positions).astype(np.float32)
-  if position_weights is not None:
-    pos_w = pos_w * position_weights
-  weights = jnp.asarray(row_real[:, None] * pos_w[None, :])  # (n_pad, T)
-  batches = [slice(i, i + bsz) for i in range(0, n_pad, bsz)]
+  batches, row_ws = _calibration(calib, batch_size, n_data)
+  row_ws = row_ws or [None] * len(batches)
+  put_params, put_data = _placer(mesh, data_axis)
+  pos_w = None if position_weights is None else put_params(jnp.asarray(position_weights))
 
-  steps = _steps(model, mesh, data_axis)
-  embed, hess_step, block_fwd = steps.embed, steps.hess_step, steps.block_fwd
-  h = jnp.concatenate([embed(params, tokens[sl]) for sl in batches])
+  # One traced program per distinct batch shape (a list of batches may end with a short one).
+  runs = _Runs(model, apply, params, batches, blocks, put_params)
+  prog = runs.main.prog
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
+  flat = dict(zip(prog.param_paths, leaves))
+  new_flat = dict(flat)
+  states = runs.prefix(flat, [put_data(b) for b in batches])
+  row_ws = [None if w is None else put_data(jnp.asarray(w)) for w in row_ws]
 
   axis_names = None if mesh is None else tuple(mesh.axis_names)
-  new_params = dict(params)
-  reports = []
-  names = list(model.block_names)
-  bar = tqdm(names, desc="GPTQ", disable=not progress)
-  for name in bar:
-    bp = params[name]
-    groups = _shared_groups(model, bp, h[:bsz])
-    targets = {}
-    for path in (p for g in groups for p in g):
-      full = f"{name}/{path}/kernel"
-      node = _get(bp, path)
-      kernel = node.get("kernel") if isinstance(node, dict) else None
-      if kernel is None or isinstance(kernel, QArray):
-        continue
-      matched, spec = first_match(rules, full)
-      if matched and spec is not None:
-        if not isinstance(spec, QuantSpec):
-          raise TypeError(f"quantize_model: the rule for {full} gives a {type(spec).__name__}; "
-                          "allowed: a jquant.QuantSpec or None.")
-        targets[path] = spec
-    groups = [[p for p in g if p in targets] for g in groups]
-    groups = [g for g in groups if g]
-    reps = tuple(g[0] for g in groups)
-
-    qbp = bp
-    if reps:
-      sums = {r: core.hessian_init(_get(bp, r)["kernel"].shape[0]) for r in reps}
-      for sl in batches:
-        sums = hess_step(bp, h[sl], weights[sl], sums, reps=reps)
-      opts = {k: solver_options.get(k, d) for k, d in (("damp", 0.01), ("damp_tries", 4), ("damp_growth", 10.0),
-                                                       ("act_order", False))}
+  opts = {k: solver_options.get(k, d) for k, d in (("damp", 0.01), ("damp_tries", 4), ("damp_growth", 10.0),
+                                                   ("act_order", False))}
+  reports, tokens, found_axes = [], None, {}
+  segs = prog.block_segments
+  bar = tqdm(segs, desc="GPTQ", disable=not progress)
+  for i, seg in enumerate(bar):
+    axes, groups = _matmuls(runs.main, seg, flat, states[0])
+    found_axes.update({f: axes[r] for r, f in zip(seg.rel, seg.params) if r in axes})
+    targets, groups = _targets(seg, flat, axes, groups, rules)
+    rel_float = prog.block_params(flat, seg)
+    if groups:
+      reps = tuple(g[0] for g in groups)
+      sums = {r: (core.hessian_init(_k_size(rel_float[r], targets[r][2])), jnp.zeros((), jnp.int32))
+              for r in reps}
+      sums = runs.hessians(i, flat, states, sums, row_ws, pos_w, skip_positions)
       for g, r in zip(groups, reps):
-        hess = core.hessian_finalize(sums[r])
-        # One factorization per Hessian, shared by all its kernels.
+        hess = core.hessian_finalize(sums[r][0])
+        if tokens is None:
+          tokens = int(sums[r][1])
+        _check_finite(hess, [targets[p][0] for p in g], [rel_float[p] for p in g])
+        # One factorization per Hessian, shared by all its weights.
         fac = core.factor_hessian(hess, jnp.float32(opts["damp"]), act_order=bool(opts["act_order"]),
                                   damp_tries=int(opts["damp_tries"]), damp_growth=float(opts["damp_growth"]))
-        # One solve per distinct spec: kernels sharing H and spec go side by side.
-        by_spec: dict[QuantSpec, list[str]] = {}
+        # One solve per distinct spec: weights sharing H and spec go side by side.
+        by_spec: dict = {}
         for p in g:
-          by_spec.setdefault(targets[p], []).append(p)
+          by_spec.setdefault(targets[p][1].replace(axis=0), []).append(p)
         for spec, paths in by_spec.items():
           together = [paths] if spec.granularity != "tensor" else [[p] for p in paths]
           for part in together:
-            kernels = [_get(bp, p)["kernel"] for p in part]
-            widths = [int(np.prod(k.shape[1:])) for k in kernels]
-            w_all = jnp.concatenate([k.reshape(k.shape[0], -1).astype(jnp.float32) for k in kernels], axis=1)
-            t0 = time.perf_counter()
-            try:
-              sol = core.solve_codes(w_all, hess, spec, mesh=mesh, axis_names=axis_names, factor=fac,
-                                     **solver_options)
-            except ValueError as e:
-              raise ValueError(f"quantize_model: {name} {part}: {e}") from None
-            ok = bool(sol.ok)
-            secs = time.perf_counter() - t0
-            if not ok:
-              raise core.damp_error(opts["damp"], opts["damp_tries"], opts["damp_growth"],
-                                    where=f"quantize_model ({name}: {', '.join(part)})")
-            offs = np.cumsum([0] + widths)
-            qs = _split_pack(sol.codes, sol.scale, sol.zero_point, spec=spec,
-                             shapes=tuple(tuple(k.shape) for k in kernels),
-                             dtypes=tuple(np.dtype(k.dtype).name for k in kernels))
-            for p, k, q, a, b in zip(part, kernels, qs, offs[:-1], offs[1:]):
-              loss, rtn = _layer_losses(k, q, hess, spec=spec.replace(axis=0))
-              reports.append(LayerReport(f"{name}/{p}/kernel", tuple(k.shape), _spec_str(spec), float(loss),
-                                         float(rtn), float(sol.damp), secs * (b - a) / offs[-1]))
-              qbp = _set(qbp, f"{p}/kernel", q)
-      bar.set_postfix_str(f"loss/rtn {sum(l.loss for l in reports) / max(sum(l.rtn_loss for l in reports), 1e-30):.3f}")
-    new_params[name] = qbp
-    # Sequential: the next block sees the quantized block's outputs.
-    h = jnp.concatenate([block_fwd(qbp, h[sl]) for sl in batches])
+            reports.extend(_solve_part(part, targets, rel_float, hess, fac, spec, seg.name, opts, mesh,
+                                       axis_names, solver_options, new_flat))
+      ratio = sum(l.loss for l in reports) / max(sum(l.rtn_loss for l in reports), 1e-30)
+      bar.set_postfix_str(f"loss/rtn {ratio:.3f}")
+    if i + 1 < len(segs):
+      # Sequential: the next block sees the quantized block's outputs.
+      states = runs.forward(i, new_flat, states)
+  del states
 
-  # Whatever else the rules select (no captured input): round-to-nearest.
-  before = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(
-      new_params, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(v, QArray)}
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    out = quantize_params(new_params, rules)
-  rtn_leaves = tuple(path_str(k) for k, v in jax.tree_util.tree_leaves_with_path(
-      out, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(v, QArray)
-      and jax.tree_util.keystr(k) not in before)
-  report = GPTQReport(tuple(reports), time.perf_counter() - start, rtn_leaves,
-                      int(n * (length - skip_positions)))
+  out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
+  out, rtn_leaves = _round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
+  report = GPTQReport(tuple(reports), time.perf_counter() - start, rtn_leaves, int(tokens or 0))
   if verbose:
     print(report)
+  out = {"params": out} if wrapped else out
   return GPTQResult(out, report) if return_report else out
+
+
+class _Runs:
+  """Runs the calibration batches through the traced program(s), block by block.
+
+  Batches of one input shape share one `graph.Program` (its jaxpr has fixed
+  shapes) and so one compiled step per alike block; batches of another shape
+  get their own program, whose blocks line up with the first one's.
+  """
+
+  def __init__(self, model, apply, params, batches, blocks, put_params):
+    self.put_params = put_params
+    by_sig: dict = {}
+    self.of_batch = []
+    for b in batches:
+      sig = _input_sig(b)
+      if sig not in by_sig:
+        by_sig[sig] = _traced(model, apply, params, b, blocks)
+      self.of_batch.append(by_sig[sig])
+    self.main = self.of_batch[0]
+    for t in by_sig.values():
+      if t.prog.blocks != self.main.prog.blocks or [s.rel for s in t.prog.block_segments] != [
+          s.rel for s in self.main.prog.block_segments]:
+        raise graph.GraphError(
+            f"quantize_model: calibration batches of different shapes trace to different blocks "
+            f"({self.main.prog.blocks} vs {t.prog.blocks}); pass batches of one shape.")
+
+  def _params(self, cache, t, seg, flat):
+    key = id(t)
+    if key not in cache:
+      cache[key] = self.put_params(t.prog.block_params(flat, seg))
+    return cache[key]
+
+  def prefix(self, flat, batches) -> list:
+    """The state entering the first block, per batch."""
+    states, cache = [], {}
+    for b, t in zip(batches, self.of_batch):
+      seg = t.prog.segments[0]
+      outs, _ = t.prog.jitted(seg)(self._params(cache, t, seg, flat),
+                                   graph.state_list(seg, t.prog._input_state(b)))
+      states.append(dict(zip(seg.state_out, outs)))
+    return states
+
+  def hessians(self, i, flat, states, sums, row_ws, pos_w, skip):
+    """Block ``i``'s Hessian sums over all batches (float params, inputs recorded on device)."""
+    cache = {}
+    for st, rw, t in zip(states, row_ws, self.of_batch):
+      seg = t.prog.block_segments[i]
+      step = t.prog.jitted(seg, _hessian_reduce(skip), record=True)
+      sums = step(self._params(cache, t, seg, flat), graph.state_list(seg, st), sums, rw, pos_w)
+    return sums
+
+  def forward(self, i, flat, states) -> list:
+    """The states after block ``i`` run with ``flat``'s (quantized) params."""
+    out, cache = [], {}
+    for st, t in zip(states, self.of_batch):
+      seg = t.prog.block_segments[i]
+      outs, _ = t.prog.jitted(seg)(self._params(cache, t, seg, flat), graph.state_list(seg, st))
+      out.append(dict(zip(seg.state_out, outs)))
+    return out
+
+
+def _input_sig(batch):
+  leaves, tree = jax.tree_util.tree_flatten(batch)
+  return tree, tuple(_struct(v) for v in leaves)
+
+
+def _k_size(w, k_axes) -> int:
+  """K of a weight's (K, N) view: the product of its contraction axes' sizes."""
+  return int(np.prod([jnp.shape(w)[a] for a in k_axes]))
+
+
+def _is_linen(model) -> bool:
+  import flax.linen as nn
+  return isinstance(model, nn.Module)
+
+
+def _check_finite(hess, paths, weights):
+  bad = [p for p, w in zip(paths, weights) if not bool(jnp.isfinite(w).all())]
+  if bad:
+    raise ValueError(f"quantize_model: the weights {bad} hold non-finite values (NaN or inf); allowed: finite "
+                     "values only. Fix or keep these leaves in float (a rule with spec None).")
+  if not bool(jnp.isfinite(hess).all()):
+    raise ValueError(f"quantize_model: the calibration inputs of {paths} hold non-finite values (NaN or inf), so "
+                     "their Hessian does too. Check the calibration data and the float model's activations "
+                     "before these layers (e.g. overflow in float16/bfloat16).")
+
+
+def _solve_part(part, targets, rel_float, hess, fac, spec, name, opts, mesh, axis_names, solver_options, new_flat):
+  """Solves weights sharing H and spec side by side; packs each along its own axes; returns their reports."""
+  weights = [rel_float[p] for p in part]
+  k_axes = [targets[p][2] for p in part]
+  mats = [to_matrix(w, ka).astype(jnp.float32) for w, ka in zip(weights, k_axes)]
+  widths = [m.shape[1] for m in mats]
+  w_all = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
+  full = [targets[p][0] for p in part]
+  t0 = time.perf_counter()
+  try:
+    sol = core.solve_codes(w_all, hess, spec, mesh=mesh, axis_names=axis_names, factor=fac, **solver_options)
+  except ValueError as e:
+    raise ValueError(f"quantize_model: {name} {full}: {e}") from None
+  ok = bool(sol.ok)
+  secs = time.perf_counter() - t0
+  if not ok:
+    raise core.damp_error(opts["damp"], opts["damp_tries"], opts["damp_growth"],
+                          where=f"quantize_model ({name}: {', '.join(full)})")
+  qs = _split_pack(sol.codes, sol.scale, sol.zero_point, spec=spec,
+                   shapes=tuple(tuple(jnp.shape(w)) for w in weights), k_axes=tuple(k_axes),
+                   dtypes=tuple(np.dtype(jnp.result_type(w)).name for w in weights))
+  reports = []
+  offs = np.cumsum([0] + widths)
+  for f, w, q, ka, a, b in zip(full, weights, qs, k_axes, offs[:-1], offs[1:]):
+    loss, rtn = _layer_losses(w, q, hess, spec=spec, k_axes=ka)
+    reports.append(LayerReport(f, tuple(jnp.shape(w)), _spec_str(spec), float(loss), float(rtn), float(sol.damp),
+                               secs * (b - a) / offs[-1], ka))
+    new_flat[f] = shard_like(q, getattr(w, "sharding", None)) if len(ka) == 1 else q
+  return reports
+
+
+def _round_the_rest(out, new_flat, rules, found_axes, apply, params, example):
+  """Round-to-nearest for rule-selected float leaves no block matmul read; returns the tree and their paths."""
+  rest = [p for p, v in new_flat.items()
+          if not intercept.is_quantized(v) and hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)
+          and first_match(rules, p)[1] is not None]
+  if not rest:
+    return out, ()
+  axes = dict(found_axes)
+  if any(p not in axes for p in rest):
+    # Contraction axes of the prefix's and suffix's matmuls (e.g. an untied head), read abstractly.
+    from jquant.capture import CaptureError, contraction_axes
+    try:
+      axes = {**contraction_axes(apply, params, *example), **axes}
+    except (CaptureError, intercept.InterceptError):
+      pass  # a model capture cannot read as a whole: the rules' own axes apply
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    out = quantize_params(out, rules, axes={p: axes[p] for p in rest if p in axes})
+  return out, tuple(rest)
+
+
+__all__ = ["quantize_model", "GPTQReport", "GPTQResult", "LayerReport", "SOLVER_OPTIONS"]
