@@ -26,7 +26,7 @@ def smoothquant(model, params, calib, *, search_windows: int = 4, progress: bool
   """SmoothQuant with per-site searched alpha; returns the smoothed float tree (same function)."""
   chan = calibrate(model, params, calib, STATIC, observer=O.MinMaxObserver("channel"), progress=progress)
   alphas = sq.search_alpha(model, params, calib[:search_windows], chan.amax(), sites=SITES, progress=progress)
-  smoothed, _ = sq.smooth(params, chan.amax(), alphas, model=model, sites=SITES)
+  smoothed, _ = sq.smooth(model, params, calib, chan.amax(), alphas, sites=SITES)
   return smoothed
 
 

@@ -99,7 +99,7 @@ def main(argv=None):
     logits = model.apply(p, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-  held_loss_fn = jax.jit(loss_fn)
+  held_loss_fn = jax.jit(jquant.quantized(loss_fn))  # float, fake-quantized and packed trees alike
 
   def held_loss(p):
     return float(held_loss_fn(p, held))
@@ -197,7 +197,7 @@ def main(argv=None):
     packed = qat.convert(params, qstate)
     # The converted (packed) model against the fake-quantized training model, on held-out news.
     fq = jax.jit(qat.fake_quantize)(params, qstate)
-    lf = jax.jit(lambda p: model.apply(p, held[:2, :-1]))
+    lf = jax.jit(lambda p: jquant.quantized(model.apply)(p, held[:2, :-1]))
     diff = float(jnp.abs(lf(fq) - lf(packed)).max())
     del fq, params, qstate
     _log(f"QAT {name}: max |logits(converted) - logits(fake-quant)| = {diff:.2e}")

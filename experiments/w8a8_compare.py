@@ -48,7 +48,7 @@ def perplexity_fn(model, evalw, batch_size):
   except ImportError:  # the library's evaluator is the reference; this is the same arithmetic
     @jax.jit
     def nll(params, toks):
-      lp = jax.nn.log_softmax(model.apply(params, toks)[:, :-1].astype(jnp.float32), -1)
+      lp = jax.nn.log_softmax(jquant.quantized(model.apply)(params, toks)[:, :-1].astype(jnp.float32), -1)
       return -jnp.sum(jnp.take_along_axis(lp, toks[:, 1:, None], -1))
 
     def ppl(params):
@@ -66,7 +66,7 @@ def measure_speed(model, variants, tokens, rounds=5):
   """Tokens/s of each ``(name, params)``; rounds interleave the variants so load changes hit all alike."""
   fns = []
   for name, p in variants:
-    f = jax.jit(lambda t, p=p: model.apply(p, t))  # params closed over: static scales are constants
+    f = jax.jit(lambda t, p=p: jquant.quantized(model.apply)(p, t))  # params closed over: static scales are constants
     f(tokens).block_until_ready()  # compile
     fns.append((name, f))
   best = {name: float("inf") for name, _ in fns}
@@ -82,7 +82,8 @@ def sink_table(hist_all, hist_skip, model):
   """Per-layer max|x| of the mlp/down input with and without position 0, and its 99.99th percentile."""
   mm, p = O.PercentileObserver(percentile=100.0), O.PercentileObserver(percentile=99.99)
   rows = []
-  for b in model.block_names:
+  blocks = sorted({k.split("/")[0] for k in hist_all.keys()}, key=lambda b: int(b.rsplit("_", 1)[1]))
+  for b in blocks:
     for layer in ("attn/q", "attn/o", "mlp/down"):
       k = f"{b}/{layer}/kernel"
       a_all = float(mm.amax(hist_all[k]))
@@ -198,7 +199,8 @@ def main(argv=None):
   chan = calibrate(model, params, calib, STATIC, observer=O.MinMaxObserver("channel"), batch_size=args.batch_size)
   t_chan = time.perf_counter() - t
   t = time.perf_counter()
-  alphas = sq.search_alpha(model, params, calib[:args.search_windows], chan.amax(), sites=SITES)
+  alphas = sq.search_alpha(model, params, calib[:args.search_windows], chan.amax(), sites=SITES,
+                           batch_size=args.batch_size)
   t_search = time.perf_counter() - t
   print("searched alphas:", {a: sum(1 for v in alphas.values() if v == a) for a in sorted(set(alphas.values()))})
   best_static = None
@@ -209,7 +211,7 @@ def main(argv=None):
         add(f"static + SmoothQuant ({alabel})", f"W8A8 static {n} + SmoothQuant {alabel}", None, 0.0)
       continue
     t = time.perf_counter()
-    sp, _ = sq.smooth(params, chan.amax(), alpha, model=model, sites=SITES)
+    sp, _ = sq.smooth(model, params, calib, chan.amax(), alpha, sites=SITES, batch_size=args.batch_size)
     hs = calibrate(model, sp, calib, STATIC, observer=hist_obs, batch_size=args.batch_size)
     base_s = t_chan + (t_search if alabel != "alpha 0.5" else 0.0) + time.perf_counter() - t
     for name, obs in ([observers[0], observers[3]] if alabel == "alpha 0.5" else observers):

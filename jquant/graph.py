@@ -174,6 +174,15 @@ class Program:
       if last_use[b] >= first_use[nxt]:
         raise GraphError(f"graph: block {b!r} still reads its parameters after block {nxt!r} starts; the "
                          "blocks interleave and cannot be run one at a time (weights shared across blocks?).")
+    # Cut each boundary where the least data is alive (between the previous block's last parameter read
+    # and this block's first): the residual stream alone, not also a norm's half-computed statistics.
+    live = self._live_bytes()
+    # The prefix keeps every parameter read that comes before the first block (embeddings).
+    first = starts[0]
+    pre = [i + 1 for i, e in enumerate(eqns[:first]) if any(isinstance(v, jex.core.Var) and v in pvars
+                                                            for v in e.invars)]
+    lows = [max(pre, default=0)] + [last_use[b] + 1 for b in self.blocks[:-1]]
+    starts = [min(range(lo, s + 1), key=lambda c: (live[c], -c)) for lo, s in zip(lows, starts)]
     # The last block ends where a block-sized piece ends, if the blocks look alike; else at the end.
     stops = starts[1:]
     last_len = stops[-1] - starts[-2] if len(starts) >= 2 else None
@@ -188,6 +197,30 @@ class Program:
     if len(self.blocks) >= 2 and segs[-2].key != segs[-3].key:
       segs[-2] = self._aligned_last(segs[-3], segs[-2]) or segs[-2]
     self.segments = tuple(segs)
+
+  def _live_bytes(self) -> np.ndarray:
+    """``live[c]``: bytes of the values (not parameters or constants) alive across a cut before equation c."""
+    eqns = self.jaxpr.eqns
+    n = len(eqns)
+    defined = {v: 0 for v in self.jaxpr.invars[self.n_params:]}
+    for i, e in enumerate(eqns):
+      for v in e.outvars:
+        defined[v] = i + 1
+    last = {}
+    for i, e in enumerate(eqns):
+      for v in e.invars:
+        if isinstance(v, jex.core.Var) and v in defined:
+          last[v] = i
+    for v in self.jaxpr.outvars:
+      if isinstance(v, jex.core.Var) and v in defined:
+        last[v] = n
+    diff = np.zeros(n + 2)
+    for v, i in last.items():
+      a = v.aval
+      size = float(np.prod(a.shape)) * np.dtype(a.dtype).itemsize if hasattr(a, "shape") else 0.0
+      diff[defined[v]] += size  # alive across cuts c with defined[v] <= c <= last[v]
+      diff[i + 1] -= size
+    return np.cumsum(diff)[:n + 1]
 
   def _aligned_last(self, prev: Segment, last: Segment) -> Optional[Segment]:
     """The last block, also writing what the block before it writes (same structure, same compiled code)."""
@@ -264,8 +297,15 @@ class Program:
   def _sub_jaxpr(self, start, stop, state_in_vars, param_paths, state_out_vars):
     pv = [self.jaxpr.invars[self._index[p]] for p in param_paths]
     consts = list(self.jaxpr.constvars)
-    return jex.core.Jaxpr(consts, pv + list(state_in_vars), list(state_out_vars),
-                          self.jaxpr.eqns[start:stop])
+    args = (consts, pv + list(state_in_vars), list(state_out_vars), self.jaxpr.eqns[start:stop])
+    if consts:
+      # jax >= 0.12 counts constvars only when their values are attached; without them the constvars
+      # become leading invars and every caller's zip(jaxpr.constvars, consts) would bind nothing.
+      try:
+        return jex.core.Jaxpr(*args, consts=list(self.closed.consts))
+      except TypeError:  # older jax: constvars are kept as given
+        pass
+    return jex.core.Jaxpr(*args)
 
   # -- running --------------------------------------------------------------
   def _inputs_for(self, seg: Segment, params_by_path: dict, state: dict, record: bool):

@@ -1,4 +1,4 @@
-"""`qdot`: the one matmul the models call, whatever their weights hold.
+"""`qdot`: the one matmul the models call, whatever their weights hold; the one int8 activation quantizer.
 
 ``qdot(x, w)`` contracts the last axis of ``x`` with the first axis of ``w``:
 
@@ -12,9 +12,32 @@ When lowering for TPU or CUDA, 4..8-bit `QArray` weights and `W8A8Weight`
 run the Pallas kernels of `pallas_kernels` (chosen per lowering platform with
 ``jax.lax.platform_dependent``); `force_xla()` keeps everything on XLA.
 
+The activation quantizer. W8A8 serving (`W8A8Weight`, and through it the
+Pallas kernels, which take already-quantized activations), the SmoothQuant
+alpha search and QAT's activation fake quantization all call the functions
+below, so a search scores exactly the arithmetic that is served:
+
+* `quantize_activations_per_token(x)`: dynamic, symmetric, one scale per row
+  of the last axis (per token);
+* `quantize_activations_static(x, scale)`: a calibrated per-tensor scale
+  (`static_activation_scale` turns an observed ``max|x|`` into it);
+* `fake_quant_activations_per_token` / `fake_quant_activations_static`:
+  ``codes * scale`` with a straight-through gradient, for training and
+  searches.
+
+The arithmetic, in float32 (the same on every backend and in a NumPy
+reference): ``scale = amax * fl(1/qmax)`` (1.0 for an all-zero row, so its
+codes are 0), ``codes = clip(round_half_even(x * fl(1/scale)), -qmax, qmax)``
+with ``qmax = 2^(bits-1) - 1`` (127 for int8: the code -128 is never used,
+so the grid is symmetric). Division is written as multiplication by a
+reciprocal because that is what XLA compiles ``x / s`` into whenever ``s``
+is broadcast; spelling it out keeps eager, jitted, constant-folded (static
+scales closed over) and NumPy results bit for bit equal.
+
 Example:
     >>> q = jquant.quantize(w, jquant.QuantSpec(bits=8))
     >>> y = jquant.ops.qdot(x, jquant.ops.W8A8Weight(q))   # int8 x int8 -> int32
+    >>> xq, xs = jquant.ops.quantize_activations_per_token(x)   # the codes and scales it used
 """
 
 from __future__ import annotations
@@ -24,25 +47,151 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jquant.qarray import QArray, dequantize
 
+_MIN_AMAX = 1e-8  # a static layer whose calibration input was all zeros still gets a finite, positive scale
 
-def quantize_activations_per_token(x):
-  """Dynamic symmetric INT8 per token (per row of the last axis).
+
+def _qmax(bits, fn: str) -> int:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+    raise ValueError(f"{fn}: bits={bits!r}; allowed: an int in 2..8 (symmetric codes in "
+                     "[-(2^(bits-1) - 1), 2^(bits-1) - 1], stored as int8).")
+  return 2 ** (int(bits) - 1) - 1
+
+
+def _codes(xf, scale, qmax: int):
+  """``clip(round(xf * (1 / scale)), -qmax, qmax)`` as int8 (the module docstring's arithmetic)."""
+  inv = jnp.float32(1.0) / scale
+  return jnp.clip(jnp.round(xf * inv), -qmax, qmax).astype(jnp.int8)
+
+
+def _check_float(x, fn: str):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{fn}: x has dtype {x.dtype}; allowed: a floating dtype (float32, bfloat16, float16).")
+  if x.ndim < 1:
+    raise ValueError(f"{fn}: x is a scalar; allowed: activations of shape (..., K).")
+  return x
+
+
+def quantize_activations_per_token(x, bits: int = 8):
+  """Dynamic symmetric quantization, one scale per token (per row of the last axis).
+
+  Args:
+    x: Float activations (..., K), any float dtype (computed in float32).
+    bits: Code width, 2..8; 8 is W8A8's int8 (codes in [-127, 127]).
 
   Returns:
-    ``(x_int8, scale)`` with ``scale`` shaped ``x.shape[:-1] + (1,)`` (float32).
+    ``(codes, scale)``: int8 codes shaped like ``x``, and float32 scales
+    shaped ``x.shape[:-1] + (1,)``; ``x ~= codes * scale``. A row of zeros
+    gets scale 1 and codes 0. Arithmetic: see the module docstring.
+
+  Raises:
+    ValueError: ``bits`` out of range; TypeError: integer ``x``.
+
+  Example:
+    >>> xq, xs = quantize_activations_per_token(jnp.array([[1.0, -2.0], [0.0, 0.0]]))
+    >>> xq.tolist(), xs.ravel().tolist()
+    ([[64, -127], [0, 0]], [0.015748031437397003, 1.0])
   """
-  xf = x.astype(jnp.float32)
+  qmax = _qmax(bits, "quantize_activations_per_token")
+  xf = _check_float(x, "quantize_activations_per_token").astype(jnp.float32)
   amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  return jnp.clip(jnp.round(xf / scale), -127, 127).astype(jnp.int8), scale
+  scale = jnp.where(amax > 0, amax * np.float32(1.0 / qmax), jnp.float32(1.0))
+  return _codes(xf, scale, qmax), scale
 
 
-def quantize_activations_static(x, scale):
-  """Static symmetric INT8 with a calibrated scale (a constant of the program)."""
-  return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+def quantize_activations_static(x, scale, bits: int = 8):
+  """Static symmetric quantization with a calibrated scale (a constant of the serving program).
+
+  Args:
+    x: Float activations (..., K).
+    scale: Positive float32 scale: a scalar (per tensor) or an array
+      broadcastable to ``x``; `static_activation_scale` derives it from an
+      observed ``max|x|``.
+    bits: Code width, 2..8.
+
+  Returns:
+    int8 codes shaped like ``x``, clipped to ``[-qmax, qmax]``.
+
+  Example:
+    >>> quantize_activations_static(jnp.array([0.5, 3.0]), jnp.float32(1 / 127)).tolist()
+    [64, 127]
+  """
+  qmax = _qmax(bits, "quantize_activations_static")
+  xf = _check_float(x, "quantize_activations_static").astype(jnp.float32)
+  return _codes(xf, jnp.asarray(scale, jnp.float32), qmax)
+
+
+def static_activation_scale(amax, bits: int = 8) -> jax.Array:
+  """The per-tensor static scale ``max(amax, 1e-8) * fl(1/qmax)`` (float32 scalar).
+
+  Args:
+    amax: Observed clipping value(s) ``max|x|``; several (per channel) are
+      reduced to their maximum.
+    bits: Code width, 2..8.
+
+  Example:
+    >>> float(static_activation_scale(jnp.array([1.0, 12.7])))   # 12.7 / 127
+    0.10000000149011612
+  """
+  qmax = _qmax(bits, "static_activation_scale")
+  a = jnp.max(jnp.asarray(amax, jnp.float32))
+  return jnp.maximum(a, jnp.float32(_MIN_AMAX)) * np.float32(1.0 / qmax)
+
+
+def dequantize_activations(codes, scale, dtype=jnp.float32):
+  """``codes * scale`` in float32, cast to ``dtype``: the value a fake quantizer returns."""
+  return (codes.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)).astype(dtype)
+
+
+@jax.custom_vjp
+def _ste(x, fq, mask):
+  del x, mask
+  return fq
+
+
+_ste.defvjp(lambda x, fq, mask: (fq, mask), lambda mask, t: (t if mask is None else t * mask, None, None))
+
+
+def fake_quant_activations_per_token(x, bits: int = 8):
+  """`quantize_activations_per_token` then ``codes * scale``, in ``x``'s dtype, with an identity gradient.
+
+  Per-token scales never clip (each row's ``max|x|`` maps to ``qmax``), so the
+  straight-through gradient is the identity everywhere.
+
+  Returns:
+    ``(x_fq, scale)``: the fake-quantized activations and the per-token scales.
+
+  Example:
+    >>> g = jax.grad(lambda x: fake_quant_activations_per_token(x)[0].sum())(x)   # all ones
+  """
+  codes, scale = quantize_activations_per_token(jax.lax.stop_gradient(x), bits)
+  return _ste(x, dequantize_activations(codes, scale, x.dtype), None), scale
+
+
+def fake_quant_activations_static(x, scale, bits: int = 8):
+  """`quantize_activations_static` then ``codes * scale``, in ``x``'s dtype, straight-through gradient.
+
+  The gradient passes where the code was not clipped (``|round(x / scale)| <= qmax``)
+  and is zero where it was; ``scale`` gets no gradient.
+
+  Returns:
+    The fake-quantized activations, shaped like ``x``, in ``x``'s dtype (the
+    scale is the caller's).
+
+  Example:
+    >>> s = static_activation_scale(jnp.max(jnp.abs(x_calib)))
+    >>> y = fake_quant_activations_static(x, s)
+  """
+  qmax = _qmax(bits, "fake_quant_activations_static")
+  scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
+  xs = jax.lax.stop_gradient(x)
+  codes = quantize_activations_static(xs, scale, bits)
+  inside = jnp.abs(jnp.round(xs.astype(jnp.float32) * (jnp.float32(1.0) / scale))) <= qmax
+  return _ste(x, dequantize_activations(codes, scale, x.dtype), inside.astype(x.dtype))
 
 
 def int8_matmul(x_int8, w_int8):
@@ -51,14 +200,40 @@ def int8_matmul(x_int8, w_int8):
                              preferred_element_type=jnp.int32)
 
 
+def w8a8_epilogue(acc, x_scale, w_scale, out_dtype):
+  """``acc * x_scale * w_scale`` in float32 (in that order), cast to ``out_dtype``.
+
+  Args:
+    acc: int32 accumulators (..., N).
+    x_scale: float32 activation scales, (..., 1) per token or a scalar.
+    w_scale: float32 per-output-channel weight scales (N,) (or a scalar).
+  """
+  return (acc.astype(jnp.float32) * x_scale * jnp.asarray(w_scale, jnp.float32).reshape(-1)).astype(out_dtype)
+
+
 @jax.tree_util.register_pytree_node_class
 class W8A8Weight(NamedTuple):
   """An int8 per-channel weight whose matmul also quantizes the activations.
 
+  ``qdot(x, W8A8Weight(q, s))`` quantizes ``x`` to int8 (`quantize_input`),
+  runs the int8 x int8 -> int32 product (the Pallas W8A8 kernel on TPU/CUDA,
+  XLA elsewhere) and scales the accumulators by the activation and the
+  per-output-channel weight scales (`w8a8_epilogue`). Inside
+  `jquant.quantized`, an N-D weight (``DenseGeneral``, ``Einsum``) quantized
+  along its contraction axes is viewed as its (K, N) matrix first.
+
   Attributes:
-    weight: A symmetric 8-bit, per-channel (or per-tensor) `QArray` (K, N).
-    act_scale: Static activation scale (scalar or broadcastable to x), or
-      None for dynamic per-token scales computed at run time.
+    weight: A symmetric 8-bit, per-channel (or per-tensor) `QArray`, (K, N)
+      contracting axis 0 (or N-D, quantized along its contraction axes, run
+      through `jquant.quantized`).
+    act_scale: Static activation scale (scalar, from
+      `static_activation_scale`), or None for dynamic per-token scales computed
+      at run time.
+
+  Example:
+    >>> wq = W8A8Weight(jquant.quantize(w, jquant.QuantSpec(bits=8)))
+    >>> y = qdot(x, wq)
+    >>> xq, xs = wq.quantize_input(x)     # the int8 activations that product used
   """
 
   weight: QArray
@@ -71,20 +246,23 @@ class W8A8Weight(NamedTuple):
   def tree_unflatten(cls, aux, children):
     return cls(*children)
 
+  def quantize_input(self, x):
+    """``(x_int8, x_scale)`` as the product quantizes ``x``: static (scalar scale) or per token ((..., 1))."""
+    if self.act_scale is None:
+      return quantize_activations_per_token(x)
+    xs = jnp.asarray(self.act_scale, jnp.float32)
+    return quantize_activations_static(x, xs), xs
+
   def __qdot__(self, x):
     w = self.weight
     if w.bits != 8 or not w.spec.symmetric or w.spec.granularity == "group" or w.axis != -w.ndim:
       raise ValueError(f"W8A8Weight: weight must be symmetric int8, per-channel or per-tensor, contracting "
-                       f"axis 0; got {w!r} with axis {w.axis}.")
-    if self.act_scale is None:
-      xq, xs = quantize_activations_per_token(x)
-    else:
-      xs = jnp.asarray(self.act_scale, jnp.float32)
-      xq = quantize_activations_static(x, xs)
+                       f"axis 0 of a (K, N) matrix; got {w!r} with axis {w.axis}. An N-D weight runs through "
+                       "jquant.quantized(apply), which views it as its (K, N) matrix.")
+    xq, xs = self.quantize_input(x)
 
     def xla_w8a8(xq2, xs2, wq, ws):
-      acc = int8_matmul(xq2, wq)
-      return (acc.astype(jnp.float32) * xs2 * ws.astype(jnp.float32).reshape(-1)).astype(x.dtype)
+      return w8a8_epilogue(int8_matmul(xq2, wq), xs2, ws, x.dtype)
 
     if not kernels_enabled():
       return xla_w8a8(xq, xs, w.qvalue, w.scale)

@@ -1,14 +1,20 @@
-"""Quantization-aware training: fake-quantized weights, learned step sizes, packed export.
+"""Quantization-aware training of any model: fake-quantized weights, learned step sizes, packed export.
 
 QAT fine-tunes a model while its forward pass sees the quantized weights (and,
 optionally, quantized activations), so that the weights learn to live on the
-grid. This module is a handful of pure functions around an ordinary optax loop:
+grid. This module is a handful of pure functions around an ordinary optax loop,
+for any model (a Linen module's params, an NNX state, any apply function) with
+no edit to the model:
 
 * `init` picks the leaves that `jquant.Rule` s select and returns a `QATState`
   (a NamedTuple) holding one `Quantizer` per leaf: its scale (and zero point
-  for asymmetric specs), initialised from round-to-nearest ranges
-  (`jquant.compute_scale_zero`) or from a finished post-training result (a
-  tree of `QArray` s, e.g. GPTQ's), whose scales and zero points are taken.
+  for asymmetric specs), laid out as `jquant.compute_scale_zero` returns them,
+  initialised from round-to-nearest ranges or from a finished post-training
+  result (a tree of `QArray` s, e.g. GPTQ's), whose scales and zero points are
+  taken. ``axes=jquant.capture.contraction_axes(apply, params, x)`` quantizes
+  each kernel along the axes its own matmul contracts (``DenseGeneral``,
+  ``Einsum``: several axes are flattened into one contraction, along which
+  groups run), so one rule serves a whole model.
 * `fake_quantize` (used inside the loss) replaces every selected weight by its
   fake-quantized value. Rounding passes the gradient straight through (STE);
   weights clipped away get none. With ``lsq=True`` the scale is trainable as in
@@ -16,10 +22,12 @@ grid. This module is a handful of pure functions around an ordinary optax loop:
   ``d out/d s = round(v) - v`` inside the range and ``qmin``/``qmax`` where
   clipped, scaled by ``g = 1/sqrt(N * Qp)`` with ``N`` the elements that share
   the scale and ``Qp = spec.qmax``.
-* ``act_bits=8`` also fake-quantizes the inputs of the selected Dense weights
-  (symmetric, per token, dynamic; STE). The weight becomes an `ActFakeQuant`
-  wrapper that implements ``__qdot__``, so models that call
-  `jquant.ops.qdot` need no change.
+* ``act_bits=8`` also fake-quantizes the inputs of the selected weights' matmuls
+  (symmetric, per token, dynamic, with `jquant.ops.quantize_activations_per_token`,
+  the quantizer W8A8 serving uses; STE). The weight becomes an `ActFakeQuant`
+  leaf with a ``__qdot__`` product; `make_train_step` runs the loss through
+  `jquant.quantized`, which routes every matmul against such a leaf (any
+  layer type, N-D kernels viewed as (K, N) matrices) to it.
 * `optimizer` builds an ``optax.multi_transform`` with separate optimizers for
   quantized weights, other parameters and scales; `make_train_step` returns a
   jit-compiled step over a `TrainState`; `train` runs the loop with a tqdm bar,
@@ -29,24 +37,21 @@ grid. This module is a handful of pure functions around an ordinary optax loop:
   fake-quantized ones bit for bit. W8A8 weights become
   `jquant.ops.W8A8Weight` (int8 x int8 matmuls); their training forward
   already runs that integer product, so training and export agree exactly.
-
-Works on any pytree of parameters: Flax Linen ``params`` dicts, NNX
-``nnx.State`` (``nnx.split`` / ``nnx.merge``), nested dicts.
+  Run the converted tree with ``jax.jit(jquant.quantized(apply))``.
 
 Example:
-    >>> import jax, jax.numpy as jnp, optax, jquant, jquant.qat as qat
-    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 8))}}
-    >>> spec = jquant.QuantSpec(bits=3, granularity="group", group_size=32)
-    >>> state = qat.init(params, [jquant.Rule(r"kernel$", spec)])
-    >>> def loss_fn(p, batch):
-    ...   x, y = batch
-    ...   return jnp.mean((jquant.ops.qdot(x, p["dense"]["kernel"]) - y) ** 2)
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, jquant, jquant.qat as qat
+    >>> model = nn.Dense(8)
+    >>> x = jax.random.normal(jax.random.key(1), (16, 64))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> y = x @ jax.random.normal(jax.random.key(2), (64, 8))
+    >>> state = qat.init(params, [jquant.Rule(r"kernel$", jquant.QuantSpec(bits=8))], act_bits=8)   # W8A8
+    >>> loss_fn = lambda p, b: jnp.mean((model.apply({"params": p}, b[0]) - b[1]) ** 2)   # float params
     >>> opt = qat.optimizer(weights=optax.adam(1e-3), scales=optax.adam(1e-4))
     >>> step = qat.make_train_step(loss_fn, opt)
-    >>> ts = qat.init_train_state(params, state, opt)
-    >>> x = jax.random.normal(jax.random.key(1), (16, 64)); y = x @ params["dense"]["kernel"]
-    >>> ts, loss = step(ts, (x, y))
-    >>> packed = qat.convert(ts.params, ts.qat)          # QArrays with the learned scales
+    >>> ts, loss = step(qat.init_train_state(params, state, opt), (x, y))
+    >>> packed = qat.convert(ts.params, ts.qat)          # int8 W8A8Weight with the learned scales
+    >>> y_int8 = jax.jit(jquant.quantized(model.apply))({"params": packed}, x)
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +71,10 @@ import optax
 from jquant.checkpoint import atomic_directory
 from jquant.checkpoint import load as _load
 from jquant.checkpoint import save as _save
+from jquant import ops
+from jquant.intercept import quantized
 from jquant.ops import W8A8Weight, int8_matmul, qdot
-from jquant.qarray import QArray, compute_scale_zero, expand_to_groups
+from jquant.qarray import QArray, compute_scale_zero, expand_to_groups, merge_contraction
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import is_qarray
 from jquant.utils import path_str
@@ -160,15 +167,18 @@ def _check_spec(spec: QuantSpec, path: str):
                      "with round-to-nearest, allowed: 'nearest'.")
 
 
-def _check_act(path: str, leaf, spec: QuantSpec, act_bits):
+def _check_act(path: str, leaf, spec: QuantSpec, act_bits, axes_known: bool):
   if act_bits is None:
     return
   if isinstance(act_bits, bool) or not isinstance(act_bits, (int, np.integer)) or not 2 <= act_bits <= 8:
     raise ValueError(f"qat.init: act_bits={act_bits!r}; allowed: None or an int in 2..8.")
-  if leaf.ndim != 2 or spec.axis % 2 != 0:
-    raise ValueError(f"qat.init: act_bits needs Dense kernels (K, N) contracting axis 0 (they are called "
-                     f"through jquant.ops.qdot); leaf {path!r} has shape {tuple(leaf.shape)} and "
-                     f"spec.axis={spec.axis}. Restrict the rules to Dense kernels.")
+  if leaf.ndim < 2:
+    raise ValueError(f"qat.init: act_bits quantizes the inputs of matmul weights; leaf {path!r} has shape "
+                     f"{tuple(leaf.shape)}. Restrict the rules to kernels (rank >= 2).")
+  if leaf.ndim > 2 and not axes_known:
+    raise ValueError(f"qat.init: act_bits with the N-D weight {path!r} (shape {tuple(leaf.shape)}) needs its "
+                     "contraction axes: pass axes=jquant.capture.contraction_axes(apply, params, *example_inputs) "
+                     "(read from the model's own matmuls).")
 
 
 # Jitted per (shape, spec): eager group statistics over a whole model are slow.
@@ -176,7 +186,7 @@ _rtn_scale_zero = jax.jit(compute_scale_zero, static_argnums=1)
 
 
 def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[int] = None,
-         init_from=None) -> QATState:
+         init_from=None, axes: Optional[Mapping[str, Any]] = None) -> QATState:
   """Builds the QAT state for the leaves of ``params`` that ``rules`` select.
 
   Args:
@@ -191,6 +201,12 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
       paths, e.g. a GPTQ result; their scales and zero points are the initial
       ones (start the latent weights from ``jquant.dequantize_params`` of the
       same tree to reproduce it exactly at step 0). Others get RTN ranges.
+    axes: Optional ``{path: contraction axes}`` read from the model's own
+      matmuls (`jquant.capture.contraction_axes`); a leaf found there is
+      quantized along those axes whatever its spec's ``axis``, so one rule
+      serves ``Dense``, ``DenseGeneral`` and ``Einsum`` kernels (groups run
+      along the flattened contraction). Needed for ``act_bits`` on N-D
+      kernels. Paths may carry a leading ``params/``.
 
   Returns:
     A `QATState`.
@@ -212,6 +228,7 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
       if is_qarray(leaf):
         given[path_str(kp)] = leaf
   quantizers, seen = {}, []
+  axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
     if is_qarray(leaf) or not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
       continue
@@ -221,7 +238,10 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
     if not matched or spec is None:
       continue
     _check_spec(spec, path)
-    _check_act(path, leaf, spec, act_bits)
+    found = axes_by_path.get(path.removeprefix("params/"))
+    if found is not None:
+      spec = spec.replace(axis=tuple(found) if len(found) > 1 else found[0])
+    _check_act(path, leaf, spec, act_bits, found is not None or leaf.ndim == 2)
     if path in given:
       scale, zero = _from_qarray(given[path], spec, leaf, path)
     else:
@@ -313,7 +333,9 @@ def lsq_fake_quant(w, scale, zero_point, spec: QuantSpec, *, learn_scale: bool =
 
   Args:
     w: Float weight.
-    scale: Group scales (as `jquant.compute_scale_zero` shapes them).
+    scale: Group scales (as `jquant.compute_scale_zero` shapes them: the
+      contraction axes, flattened into one for a multi-axis spec such as
+      ``QuantSpec(axis=(0, 1))``, replaced by the group count).
     zero_point: Zero points like ``scale`` (asymmetric specs) or None.
     spec: The `QuantSpec`.
     learn_scale: False stops the gradient into ``scale`` and ``zero_point``.
@@ -322,13 +344,15 @@ def lsq_fake_quant(w, scale, zero_point, spec: QuantSpec, *, learn_scale: bool =
     >>> s, _ = jquant.compute_scale_zero(w, spec)
     >>> gs = jax.grad(lambda s: qat.lsq_fake_quant(w, s, None, spec).sum())(s)
   """
-  axis = spec.axis % w.ndim
-  n = _group_count(spec, w.shape, axis)
+  logical_shape = w.shape
+  w, espec, _ = merge_contraction(w, spec)   # several contraction axes -> one (scales are laid out so)
+  axis = espec.axis
+  _check_scale_layout(scale, w, espec, "lsq_fake_quant")
+  n = _group_count(espec, w.shape, axis)
   g = 1.0 / math.sqrt(n * spec.qmax)
   if not learn_scale:
     scale = jax.lax.stop_gradient(scale)
     zero_point = None if zero_point is None else jax.lax.stop_gradient(zero_point)
-  espec = dataclasses.replace(spec, axis=axis)
   # Round-trip through the stored dtype: training must see the scale that conversion will store.
   s = scale.astype(spec.jnp_scale_dtype).astype(jnp.float32)
   # Full shape: channel / tensor scales come back broadcastable only; the core is elementwise.
@@ -340,66 +364,68 @@ def lsq_fake_quant(w, scale, zero_point, spec: QuantSpec, *, learn_scale: bool =
     zr = zero_point + jax.lax.stop_gradient(zr - zero_point)
     z = jnp.broadcast_to(expand_to_groups(zr.astype(jnp.float32), espec, w.shape[axis]), w.shape)
   out = _lsq_core(w.astype(jnp.float32), s, z, float(spec.qmin), float(spec.qmax), g)
-  return out.astype(w.dtype)
+  return out.astype(w.dtype).reshape(logical_shape)
 
 
-@jax.custom_vjp
-def _act_ste(x, fq):
-  del x
-  return fq
-
-
-_act_ste.defvjp(lambda x, fq: (fq, None), lambda _, t: (t, None))
-
-
-def _act_quant(x, bits: int):
-  """(fake-quantized x with STE gradient, per-token scale)."""
-  qmax = 2 ** (bits - 1) - 1
-  xf = jax.lax.stop_gradient(x).astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / float(qmax), 1.0)
-  fq = (jnp.clip(jnp.round(xf / scale), -qmax, qmax) * scale).astype(x.dtype)
-  return _act_ste(x, fq), scale
+def _check_scale_layout(scale, w_merged, spec: QuantSpec, fn: str):
+  """Scales must be laid out as `jquant.compute_scale_zero` returns them (contraction axes -> groups)."""
+  want = list(w_merged.shape)
+  want[spec.axis] = spec.num_groups(w_merged.shape[spec.axis])
+  if spec.granularity == "tensor":
+    want = [1] * len(want)
+  if tuple(jnp.shape(scale)) != tuple(want):
+    raise ValueError(f"qat.{fn}: scale has shape {tuple(jnp.shape(scale))}; allowed: {tuple(want)}, the layout "
+                     f"jquant.compute_scale_zero returns for this weight and spec (axis={spec.axis}, "
+                     f"granularity={spec.granularity!r}).")
 
 
 def fake_quant_activations(x, bits: int = 8):
-  """Symmetric per-token dynamic fake quantization of ``x`` (..., K), STE gradient.
+  """Symmetric per-token dynamic fake quantization of ``x`` (..., K), straight-through gradient.
 
-  Scale ``amax / (2^(b-1) - 1)`` per row, codes clipped to ``±(2^(b-1) - 1)``;
-  for 8 bits this is `jquant.ops.quantize_activations_per_token`.
+  This is `jquant.ops.fake_quant_activations_per_token`: the codes and scales
+  of `jquant.ops.quantize_activations_per_token`, the quantizer W8A8 serving
+  and the SmoothQuant search use (scale ``amax / (2^(b-1) - 1)`` per row,
+  codes clipped to ``±(2^(b-1) - 1)``).
 
   Example:
     >>> g = jax.grad(lambda x: qat.fake_quant_activations(x).sum())(x)    # all ones (STE)
   """
-  return _act_quant(x, bits)[0]
+  return ops.fake_quant_activations_per_token(x, bits)[0]
+
+
+def _weight_codes(w_fq, ws):
+  """The int8 codes of a weight that is already on its grid (codes times per-column scale): exact."""
+  return jnp.clip(jnp.round(w_fq.astype(jnp.float32) / ws), -128, 127).astype(jnp.int8)
 
 
 @jax.custom_vjp
-def _int8_dot(x_fq, xs, w_fq, ws):
-  """``x_fq @ w_fq`` computed as `jquant.ops.W8A8Weight` does (int8 x int8 -> int32, then scales).
+def _w8a8_train_dot(x, w_fq, ws):
+  """``x @ w_fq`` computed exactly as `jquant.ops.W8A8Weight` computes it on XLA.
 
-  Both operands are already on their int8 grids (codes times scale), so the
-  codes come back exactly; the backward pass is that of the float product.
+  ``x`` is quantized per token by `jquant.ops.quantize_activations_per_token`,
+  ``w_fq`` (K, N) is already fake-quantized with per-column scales ``ws`` (N,)
+  so its int8 codes come back exactly; int8 x int8 -> int32, then
+  `jquant.ops.w8a8_epilogue`. The backward pass is that of the float product
+  of the fake-quantized operands (straight through both quantizers).
   """
-  xq = jnp.clip(jnp.round(x_fq.astype(jnp.float32) / xs), -127, 127).astype(jnp.int8)
-  wq = jnp.clip(jnp.round(w_fq.astype(jnp.float32) / ws), -128, 127).astype(jnp.int8)
-  acc = int8_matmul(xq, wq)
-  return (acc.astype(jnp.float32) * xs * ws).astype(x_fq.dtype)
+  xq, xs = ops.quantize_activations_per_token(x)
+  return ops.w8a8_epilogue(int8_matmul(xq, _weight_codes(w_fq, ws)), xs, ws, x.dtype)
 
 
-def _int8_dot_fwd(x_fq, xs, w_fq, ws):
-  return _int8_dot(x_fq, xs, w_fq, ws), (x_fq, xs, w_fq, ws)
+def _w8a8_train_dot_fwd(x, w_fq, ws):
+  return _w8a8_train_dot(x, w_fq, ws), (x, w_fq, ws)
 
 
-def _int8_dot_bwd(res, t):
-  x_fq, xs, w_fq, ws = res
-  k = x_fq.shape[-1]
-  dx = jnp.dot(t, w_fq.T.astype(t.dtype)).astype(x_fq.dtype)
+def _w8a8_train_dot_bwd(res, t):
+  x, w_fq, ws = res
+  x_fq = fake_quant_activations(x, 8)
+  k = x.shape[-1]
+  dx = jnp.dot(t, w_fq.T.astype(t.dtype)).astype(x.dtype)
   dw = jnp.dot(x_fq.reshape(-1, k).T, t.reshape(-1, t.shape[-1]).astype(x_fq.dtype)).astype(w_fq.dtype)
-  return dx, jnp.zeros_like(xs), dw, jnp.zeros_like(ws)
+  return dx, dw, jnp.zeros_like(ws)
 
 
-_int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
+_w8a8_train_dot.defvjp(_w8a8_train_dot_fwd, _w8a8_train_dot_bwd)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -414,10 +440,16 @@ class ActFakeQuant:
   gradients are those of the float product (straight through both
   quantizers).
 
+  Inside `jquant.quantized` (which `make_train_step` wraps the loss in) an
+  N-D weight (``DenseGeneral``, ``Einsum``) is viewed as its (K, N) matrix
+  first, so any model's matmuls take it.
+
   Attributes:
-    weight: The (K, N) weight, already fake-quantized.
+    weight: The (K, N) weight (or N-D, through `jquant.quantized`), already
+      fake-quantized.
     bits: Activation bits (symmetric, per token, dynamic).
-    weight_scale: None, or the (N,) per-channel scale of an int8 ``weight``.
+    weight_scale: None, or the per-output-channel scales of an int8
+      ``weight``, flattened over its free axes ((N,) for a (K, N) weight).
   """
 
   weight: Any
@@ -440,10 +472,14 @@ class ActFakeQuant:
     return self.weight.dtype
 
   def __qdot__(self, x):
-    x_fq, xs = _act_quant(x, self.bits)
+    if self.weight.ndim != 2:
+      raise ValueError(f"ActFakeQuant: weight has shape {tuple(self.weight.shape)}; qdot takes (K, N). Run the "
+                       "model through jquant.quantized(apply) (make_train_step does), which views N-D weights "
+                       "as (K, N) matrices.")
     if self.weight_scale is not None:
-      return _int8_dot(x_fq, xs, self.weight, jax.lax.stop_gradient(self.weight_scale))
-    return jnp.dot(x_fq, self.weight.astype(x.dtype))
+      ws = jax.lax.stop_gradient(jnp.asarray(self.weight_scale, jnp.float32)).reshape(-1)
+      return _w8a8_train_dot(x, self.weight, ws)
+    return jnp.dot(fake_quant_activations(x, self.bits), self.weight.astype(x.dtype))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -491,11 +527,15 @@ def _map_selected(fn, params, state: QATState, name: str):
   return out
 
 
-def _w8a8_ok(qz: Quantizer, ndim: int) -> bool:
-  """Whether the weight and its activations fit `jquant.ops.W8A8Weight` (int8 x int8)."""
+def _w8a8_ok(qz: Quantizer) -> bool:
+  """Whether the weight and its activations fit `jquant.ops.W8A8Weight` (int8 x int8).
+
+  Any layout: `jquant.quantized` views a weight as its (K, N) matrix over the
+  axes it is quantized along (a (K, N) kernel contracting axis 0 also runs
+  through `jquant.ops.qdot` directly).
+  """
   spec = qz.spec
-  return (qz.act_bits == 8 and spec.bits == 8 and spec.symmetric and spec.granularity != "group"
-          and ndim == 2 and spec.axis % ndim == 0)
+  return qz.act_bits == 8 and spec.bits == 8 and spec.symmetric and spec.granularity != "group"
 
 
 def fake_quantize(params, state: QATState):
@@ -513,7 +553,7 @@ def fake_quantize(params, state: QATState):
     if qz.act_bits is None:
       return w
     ws = None
-    if _w8a8_ok(qz, leaf.ndim):
+    if _w8a8_ok(qz):
       ws = qz.scale.astype(qz.spec.jnp_scale_dtype).astype(jnp.float32).reshape(-1)
     return ActFakeQuant(w, qz.act_bits, ws)
 
@@ -523,16 +563,16 @@ def fake_quantize(params, state: QATState):
 @functools.partial(jax.jit, static_argnames="spec")
 def _pack(leaf, scale, zero_point, spec: QuantSpec) -> QArray:
   """The codes of the training forward (`lsq_fake_quant`), packed with the learned scales."""
-  axis = spec.axis % leaf.ndim
-  espec = dataclasses.replace(spec, axis=axis)
+  w, espec, _ = merge_contraction(leaf, spec)
+  axis = espec.axis
   scale = scale.astype(spec.jnp_scale_dtype)
-  s = expand_to_groups(scale.astype(jnp.float32), espec, leaf.shape[axis])
+  s = expand_to_groups(scale.astype(jnp.float32), espec, w.shape[axis])
   zero = z = None
   if zero_point is not None:
     zero = jnp.clip(jnp.round(zero_point), 0, spec.qmax)
-    z = expand_to_groups(zero.astype(jnp.float32), espec, leaf.shape[axis])
-  codes = _codes(leaf.astype(jnp.float32), s, z, float(spec.qmin), float(spec.qmax))
-  return QArray.from_codes(codes.astype(jnp.int32), scale, zero, spec, leaf.dtype)
+    z = expand_to_groups(zero.astype(jnp.float32), espec, w.shape[axis])
+  codes = _codes(w.astype(jnp.float32), s, z, float(spec.qmin), float(spec.qmax))
+  return QArray.from_codes(codes.astype(jnp.int32).reshape(leaf.shape), scale, zero, spec, leaf.dtype)
 
 
 
@@ -554,7 +594,7 @@ def convert(params, state: QATState):
     q = _pack(leaf, qz.scale, qz.zero_point, spec)
     if qz.act_bits is None:
       return q
-    return W8A8Weight(q) if _w8a8_ok(qz, leaf.ndim) else ActQuantWeight(q, qz.act_bits)
+    return W8A8Weight(q) if _w8a8_ok(qz) else ActQuantWeight(q, qz.act_bits)
 
   return _map_selected(conv, params, state, "convert")
 
@@ -645,9 +685,11 @@ def make_train_step(loss_fn: Callable, opt: optax.GradientTransformation, *, has
     >>> ts, loss = step(ts, batch)
   """
 
+  run_loss = quantized(loss_fn)  # ActFakeQuant leaves (act_bits) reach every matmul of any model
+
   def total(trainable, batch):
     params, state = trainable
-    return loss_fn(fake_quantize(params, state), batch)
+    return run_loss(fake_quantize(params, state), batch)
 
   grad_fn = jax.value_and_grad(total, has_aux=has_aux)
 

@@ -1,4 +1,5 @@
-"""QAT: STE and LSQ gradients, one trace per step, exact conversion, Linen / NNX, checkpoints."""
+"""QAT: STE and LSQ gradients, one trace per step, exact conversion, any Linen / NNX model (Dense, DenseGeneral,
+Einsum) through jquant.quantized, checkpoints."""
 
 import math
 
@@ -12,6 +13,8 @@ from flax import nnx
 
 import jquant
 import jquant.qat as qat
+import w8a8_qat_models as M
+from jquant import capture
 
 G3 = jquant.QuantSpec(bits=3, granularity="group", group_size=16)
 CONVERT_SPECS = (
@@ -104,10 +107,18 @@ def test_ste_fixed_scale_weight_gradient_and_no_scale_gradient():
 
 def test_forward_equals_quantize_dequantize_bitwise():
   w = jax.random.normal(jax.random.key(2), (96, 24))
-  for spec in CONVERT_SPECS:
+  w3 = w.reshape(4, 24, 24)                      # a DenseGeneral output kernel (heads, head_dim, d)
+  for i, spec in enumerate(CONVERT_SPECS):
     got = jax.jit(lambda w: qat.lsq_fake_quant(w, *jquant.compute_scale_zero(w, spec), spec))(w)
     ref = jax.jit(lambda w: jquant.dequantize(jquant.quantize(w, spec)))(w)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=str(spec))
+    if i not in (0, 2, 3):
+      continue
+    # Several contraction axes (flattened): scales laid out as compute_scale_zero returns them.
+    s3 = spec.replace(axis=(0, 1))
+    got = jax.jit(lambda w: qat.lsq_fake_quant(w, *jquant.compute_scale_zero(w, s3), s3))(w3)
+    ref = jax.jit(lambda w: jquant.dequantize(jquant.quantize(w, s3)))(w3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=str(s3))
 
 
 def test_activation_fake_quant_ste_and_int8_values():
@@ -338,8 +349,52 @@ def test_errors_name_the_argument():
     qat.init(params, [jquant.Rule(r"nonexistent", G3)])
   with pytest.raises(ValueError, match="rounding"):
     qat.init(params, [jquant.Rule(r"kernel$", G3.replace(rounding="stochastic"))])
-  with pytest.raises(ValueError, match="act_bits"):
+  with pytest.raises(ValueError, match=r"act_bits with the N-D weight 'w' \(shape \(4, 4, 4\)\) needs its contraction "
+                     r"axes: pass axes=jquant.capture.contraction_axes"):
     qat.init({"w": jnp.ones((4, 4, 4))}, [jquant.Rule("w", jquant.QuantSpec(bits=8))], act_bits=8)
+  with pytest.raises(ValueError, match=r"act_bits=9; allowed: None or an int in 2..8"):
+    qat.init(params, [jquant.Rule(r"kernel$", G3)], act_bits=9)
+  with pytest.raises(ValueError, match=r"scale has shape \(1, 16\); allowed: \(4, 16\)"):
+    qat.lsq_fake_quant(params["fc1"]["kernel"][:, :16], jnp.ones((1, 16)), None, G3)
   state = qat.init(params, [jquant.Rule(r"kernel$", G3)])
   with pytest.raises(ValueError, match="params do not hold"):
     qat.fake_quantize({"fc1": params["fc1"]}, state)
+
+
+# ---------------------------------------------------------------------------
+# Models users write with Flax's own layers (tests/w8a8_qat_models.py), trained through jquant.quantized.
+
+
+@pytest.mark.parametrize("name,w8a8", [(n, True) for n in M.NAMES] + [("linen_general", False),
+                                                                      ("nnx_general", False)])
+def test_user_model_qat_trains_and_converts(name, w8a8):
+  """W8A8 QAT (int8 weights + per-token int8 activations) and W4 g16 QAT on N-D kernels: a few steps lower the
+  loss; the converted tree runs in the user's own model with the fake-quantized model's logits."""
+  model, apply, params, toks = M.make(name)
+  axes = capture.contraction_axes(apply, params, toks)          # one rule for Dense, DenseGeneral and Einsum
+  spec = jquant.QuantSpec(bits=8) if w8a8 else jquant.QuantSpec(bits=4, granularity="group", group_size=16)
+  state = qat.init(params, [jquant.Rule(r"kernel$", spec)], act_bits=8 if w8a8 else None, axes=axes)
+  b0 = M.block_prefix(name, 0)
+  assert len(state.quantizers) == 2 * len(M.block_kernels(name)) + 1
+  if name.endswith("general"):                                  # (heads, head_dim, d) over (0, 1): 32 / 16 groups
+    assert state.quantizers[f"{b0}/o/kernel"].scale.shape == ((1, 32) if w8a8 else (2, 32))
+    assert state.quantizers[f"{b0}/q/kernel"].scale.shape == ((4, 1, 8) if w8a8 else (4, 2, 8))
+
+  def loss_fn(p, t):                                            # written for float params
+    logits = apply(p, t[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, t[:, 1:]).mean()
+
+  opt = qat.optimizer(weights=optax.adam(1e-2), scales=optax.adam(1e-2))
+  ts = _train_mlp(loss_fn, opt, params, state, toks, steps=6)
+  packed = qat.convert(ts.params, ts.qat)
+  kinds = {type(l) for l in jax.tree_util.tree_leaves(packed, is_leaf=jquant.intercept.is_quantized)
+           if jquant.intercept.is_quantized(l)}
+  assert kinds == ({jquant.ops.W8A8Weight} if w8a8 else {jquant.QArray})
+  run = jax.jit(jquant.quantized(apply))
+  a = np.asarray(run(qat.fake_quantize(ts.params, ts.qat), toks))
+  b = np.asarray(run(packed, toks))
+  if w8a8 and jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(a, b)          # training ran the served int8 x int8 -> int32 product
+  else:
+    # Same weights; only float32 summation order differs (the packed path multiplies (K, N) matrices, K <= 48).
+    assert np.abs(a - b).max() <= 64 * 2**-24 * np.abs(a).max()

@@ -37,7 +37,7 @@ def test_qat_2bit_beats_rtn_and_converts():
     logits = m.apply(p, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-  evaluate = jax.jit(loss_fn)
+  evaluate = jax.jit(jquant.quantized(loss_fn))  # float, fake-quantized or packed trees alike
 
   # A float model trained on the task: the starting point of both PTQ and QAT.
   opt = optax.adam(3e-3)

@@ -50,8 +50,11 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.bfloat16):
 
 
 def quantize_per_token(x):
-  """Dynamic symmetric INT8 per row: ``(x_int8, scale (M,1) float32)``, ``x ~= x_int8 * scale``."""
-  xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  return jnp.clip(jnp.round(xf / scale), -127, 127).astype(jnp.int8), scale
+  """Dynamic symmetric INT8 per row: ``(x_int8, scale (M,1) float32)``, ``x ~= x_int8 * scale``.
+
+  This is `jquant.ops.quantize_activations_per_token`, the one activation
+  quantizer of W8A8 serving, SmoothQuant's search and QAT (see that function
+  for the arithmetic); the kernels take its codes and scales.
+  """
+  from jquant.ops import quantize_activations_per_token  # late: pallas_kernels imports no jquant at load time
+  return quantize_activations_per_token(x)
