@@ -21,7 +21,14 @@ def toy(toy_llama):
 
 @pytest.fixture(scope="module")
 def h0(toy):
-  return toy.embed(toy.params, jnp.asarray(np.arange(24).reshape(2, 12) * 7 % 97, jnp.int32))
+  tokens = jnp.asarray(np.arange(24).reshape(2, 12) * 7 % 97, jnp.int32)
+  return toy.params["embed"]["embedding"][tokens]
+
+
+def _block(toy):
+  """One decoder block as a user would apply it: the Flax module with its parameters."""
+  block = models.Block(toy.config)
+  return lambda p, h: block.apply({"params": p}, h)
 
 
 def _rms(x, scale, eps):
@@ -30,9 +37,9 @@ def _rms(x, scale, eps):
 
 def test_block_paths_are_relative_and_output_unchanged(toy, h0):
   bp = toy.params["layers_0"]
-  out, xs = capture.capture_inputs(toy.block, bp, h0)
+  out, xs = capture.capture_inputs(_block(toy), bp, h0)
   assert sorted(xs) == BLOCK_PATHS
-  np.testing.assert_array_equal(out, toy.block(bp, h0))
+  np.testing.assert_array_equal(out, _block(toy)(bp, h0))
 
 
 def test_full_model_paths_name_the_weights(toy, h0):
@@ -50,7 +57,7 @@ def test_full_model_paths_name_the_weights(toy, h0):
 
 def test_shared_inputs_are_one_array_and_values_are_right(toy, h0):
   bp = toy.params["layers_1"]
-  c = capture.capture(toy.block, bp, h0)
+  c = capture.capture(_block(toy), bp, h0)
   xs = c.inputs
   assert xs["attn/q/kernel"] is xs["attn/k/kernel"] is xs["attn/v/kernel"]
   assert xs["mlp/gate/kernel"] is xs["mlp/up/kernel"]
@@ -61,7 +68,7 @@ def test_shared_inputs_are_one_array_and_values_are_right(toy, h0):
   assert sorted(map(sorted, c.groups)) == [["attn/k/kernel", "attn/q/kernel", "attn/v/kernel"],
                                            ["attn/o/kernel"], ["mlp/down/kernel"],
                                            ["mlp/gate/kernel", "mlp/up/kernel"]]
-  assert capture.shared_input_groups(toy.block, bp, h0) == c.groups
+  assert capture.shared_input_groups(_block(toy), bp, h0) == c.groups
 
 
 def test_works_under_jit_with_reductions(toy, h0):
@@ -69,21 +76,21 @@ def test_works_under_jit_with_reductions(toy, h0):
 
   @jax.jit
   def hessians(p, h):
-    out, xs = capture.capture_inputs(toy.block, p, h)
+    out, xs = capture.capture_inputs(_block(toy), p, h)
     return out, {k: jnp.einsum("bti,btj->ij", x, x) for k, x in xs.items()}
 
   out, hs = hessians(bp, h0)
-  _, eager = capture.capture_inputs(toy.block, bp, h0)
+  _, eager = capture.capture_inputs(_block(toy), bp, h0)
   assert sorted(hs) == BLOCK_PATHS
   for k in hs:
     np.testing.assert_allclose(hs[k], jnp.einsum("bti,btj->ij", eager[k], eager[k]), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out, toy.block(bp, h0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, _block(toy)(bp, h0), rtol=1e-5, atol=1e-5)
 
 
 def test_quantized_params_capture_same_paths(toy, h0):
   rules = [jquant.Rule(r"(attn|mlp)/\w+/kernel", jquant.QuantSpec(bits=4, granularity="group", group_size=16))]
   qb = jquant.quantize_params(toy.params["layers_0"], rules)
-  _, xs = jax.jit(lambda p, h: capture.capture_inputs(toy.block, p, h))(qb, h0)
+  _, xs = jax.jit(lambda p, h: capture.capture_inputs(_block(toy), p, h))(qb, h0)
   assert sorted(xs) == BLOCK_PATHS
 
 
@@ -145,4 +152,4 @@ def test_errors_say_what_was_looked_for_and_catch_double_use(toy, h0):
     capture.capture_inputs(lambda x: x + 1, h0)
   bp = toy.params["layers_0"]
   with pytest.raises(capture.CaptureError, match="used by two matmuls"):
-    capture.capture_inputs(lambda p, h: toy.block(p, toy.block(p, h)), bp, h0)
+    capture.capture_inputs(lambda p, h: _block(toy)(p, _block(toy)(p, h)), bp, h0)

@@ -109,10 +109,8 @@ def test_layer_error_report_matches_direct_errors(toy):
   assert [r.path for r in rep.rows] == ["layers_1/mlp/down", "layers_1/mlp/gate", "layers_1/mlp/up"]
   assert rep.n_tokens == 36 and rep.rows[0].kind == "W3 g16 sym"
   # Direct: the float model's input to layers_1/mlp/gate, through the float and dequantized kernels.
-  h = toy.embed(toy.params, tokens)
-  h = toy.block(toy.params["layers_0"], h)
-  _, xs = jquant.capture.capture_inputs(toy.block, toy.params["layers_1"], h)
-  x = np.asarray(xs["mlp/gate/kernel"], np.float64)
+  _, xs = jquant.capture.capture_inputs(toy.apply, toy.params, tokens)
+  x = np.asarray(xs["layers_1/mlp/gate/kernel"], np.float64)
   wf = np.asarray(toy.params["layers_1"]["mlp"]["gate"]["kernel"], np.float64)
   wq = np.asarray(jquant.dequantize(q["layers_1"]["mlp"]["gate"]["kernel"]), np.float64)
   want = np.linalg.norm(x @ wq - x @ wf) / np.linalg.norm(x @ wf)

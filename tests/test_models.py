@@ -112,7 +112,8 @@ def test_toy_param_tree_layout(toy):
   assert a["q"]["kernel"].shape == (48, 48) and a["k"]["kernel"].shape == (48, 16)
   assert a["o"]["kernel"].shape == (48, 48)
   assert m["gate"]["kernel"].shape == (48, 80) and m["down"]["kernel"].shape == (80, 48)
-  assert toy.block_names == ["layers_0", "layers_1"]
+  assert not hasattr(toy, "block_names")  # no block protocol: jquant.graph finds the blocks
+  assert jquant.graph.trace(toy.apply, p, TOKENS).blocks == ("layers_0", "layers_1")
 
 
 def test_toy_matches_numpy_gqa_reference(toy):
@@ -122,12 +123,13 @@ def test_toy_matches_numpy_gqa_reference(toy):
     assert _rel(got[b], np_llama(w, _cfg_dict(toy.config), np.asarray(TOKENS[b]))) < 1e-5
 
 
-def test_toy_block_api_equals_apply(toy):
-  h = toy.embed(toy.params, TOKENS)
-  for name in toy.block_names:
-    h = toy.block(toy.params[name], h)
-  np.testing.assert_allclose(toy.head(toy.params, h), jax.jit(toy.apply)(toy.params, TOKENS), rtol=1e-5,
-                             atol=1e-5)
+def test_toy_block_by_block_equals_apply(toy):
+  prog = jquant.graph.trace(toy.apply, toy.params, TOKENS)
+  state = prog.prefix(toy.params, TOKENS)
+  for i in range(len(prog.blocks)):
+    state = prog.run_block(i, toy.params, state)
+  np.testing.assert_allclose(prog.suffix(toy.params, state), jax.jit(toy.apply)(toy.params, TOKENS),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_toy_untied_head_and_bf16():

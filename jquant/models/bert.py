@@ -181,10 +181,6 @@ class BertModel:
   params: Any
   tokenizer: Any = None
 
-  @property
-  def block_names(self) -> list[str]:
-    return [f"layers_{i}" for i in range(self.config.n_layers)]
-
   def apply(self, params, tokens, mask=None, token_types=None):
     """Last hidden states (B, T, d). ``mask`` (B, T): 1 for real tokens, 0 for padding."""
     tokens = jnp.asarray(tokens)
@@ -198,11 +194,6 @@ class BertModel:
     """Sentence embeddings (B, d): mean over real tokens, L2-normalized."""
     mask = jnp.ones(jnp.shape(tokens), jnp.int32) if mask is None else jnp.asarray(mask)
     return mean_pool(self.apply(params, tokens, mask), mask, self.config.normalize)
-
-  def block(self, block_params, h, mask=None):
-    """One encoder block (``params["layers_i"]``)."""
-    mask = jnp.ones(h.shape[:2], jnp.int32) if mask is None else mask
-    return quantized(_linen_apply)(BertLayer(self.config), block_params, h, mask)
 
   def encode(self, texts, max_len: Optional[int] = None):
     """Tokenizes texts, padded to the longest: ``(tokens, mask)`` int32 numpy arrays."""

@@ -170,7 +170,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The whole decoder; methods ``embed_tokens`` and ``head`` serve the block API."""
+  """The whole decoder: embedding, ``layers_0..N-1``, final norm, (tied) output projection."""
 
   config: LlamaConfig
 
@@ -198,8 +198,8 @@ class Transformer(nn.Module):
     return self.head(h)
 
 
-def _linen_apply(module, params, *args, method=None):
-  return module.apply({"params": params}, *args, method=method)
+def _linen_apply(module, params, *args):
+  return module.apply({"params": params}, *args)
 
 
 def _check_tokens(tokens, vocab_size):
@@ -228,10 +228,6 @@ class Model:
   def module(self) -> Transformer:
     return Transformer(self.config)
 
-  @property
-  def block_names(self) -> list[str]:
-    return [f"layers_{i}" for i in range(self.config.n_layers)]
-
   def apply(self, params, tokens):
     """Logits (B, T, V) float32 for int tokens (B, T).
 
@@ -240,20 +236,6 @@ class Model:
     """
     tokens = _check_tokens(tokens, self.config.vocab_size)
     return quantized(_linen_apply)(self.module, params, tokens)
-
-  # Transitional: the block API (embed / block / head) that older code walks.
-  def embed(self, params, tokens):
-    """Hidden states (B, T, d) entering the first block."""
-    tokens = _check_tokens(tokens, self.config.vocab_size)
-    return quantized(_linen_apply)(self.module, params, tokens, method=Transformer.embed_tokens)
-
-  def block(self, block_params, h):
-    """One transformer block, ``params[name]`` for a name in `block_names`."""
-    return quantized(_linen_apply)(Block(self.config), block_params, h)
-
-  def head(self, params, h):
-    """Final norm and output projection: logits (B, T, V) float32."""
-    return quantized(_linen_apply)(self.module, params, h, method=Transformer.head)
 
   def generate(self, params, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (needs a tokenizer); returns the new text.
