@@ -510,7 +510,10 @@ def trace(fn: Callable, params, *inputs, blocks: Optional[str] = None) -> Progra
     xs = jax.tree_util.tree_unflatten(in_tree, flat[len(p_structs):])
     return fn(p, *xs)
 
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*p_structs, *in_structs)
+  # Traced with jit disabled, so that a model whose forward is one jitted call (gemma's `nn.jit`-wrapped
+  # Transformer) still shows its blocks at the top level, where the program is cut.
+  with jax.disable_jit():
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*p_structs, *in_structs)
   block_keys = find_blocks([p for p, s in zip(paths, p_structs) if len(s.shape) >= 1], blocks)
   return Program(closed, paths, len(paths), in_tree, jax.tree_util.tree_structure(out_shape), block_keys)
 

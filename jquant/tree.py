@@ -68,7 +68,9 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       `jquant.capture.contraction_axes` (the axes read from the model's own
       matmuls). A leaf found there is quantized along those axes whatever its
       spec's ``axis``, so that one rule serves ``Dense``, ``DenseGeneral`` and
-      ``Einsum`` kernels alike. Paths may carry a leading ``params/``.
+      ``Einsum`` kernels alike; a rule-matched leaf that is not there (a norm
+      scale, a bias: no matmul contracts it) stays float, with a warning.
+      Paths may carry a leading ``params/``.
 
   Returns:
     The same tree with the selected leaves replaced by `QArray` s, laid out on
@@ -84,6 +86,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       raise TypeError(f"quantize_params: rules must be jquant.Rule objects, got {type(r).__name__}.")
   seen_paths, quantized = [], [0]
   axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
+  not_matmul: list = []
 
   def visit(keypath, leaf):
     if is_qarray(leaf) or not _is_float_array(leaf):
@@ -94,6 +97,9 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
     if not matched or spec is None:
       return leaf
     found = axes_by_path.get(path.removeprefix("params/"))
+    if axes_by_path and found is None:
+      not_matmul.append(path)  # a rule matched it, but the model never contracts it in a matmul
+      return leaf
     if found is not None:
       spec = spec.replace(axis=tuple(found) if len(found) > 1 else found[0])
     try:
@@ -105,6 +111,11 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
     return shard_like(q, getattr(leaf, "sharding", None))
 
   out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  if not_matmul:
+    warnings.warn(
+        f"quantize_params: rules matched {len(not_matmul)} leaves that no matmul of the model contracts "
+        f"(not in axes=); they stay float: {not_matmul[:6]}{' ...' if len(not_matmul) > 6 else ''}. "
+        "Narrow the rule patterns to kernels to silence this.", stacklevel=2)
   if rules and quantized[0] == 0 and any(r.spec is not None for r in rules):
     near = sorted({p for r in rules for p in difflib.get_close_matches(r.pattern, seen_paths, n=3, cutoff=0.0)})
     warnings.warn(

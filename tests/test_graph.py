@@ -158,3 +158,23 @@ def test_program_with_constants_runs_block_by_block():
   state = prog.prefix(params, x)
   outs, inputs = prog.jitted(seg, record=True)(prog.block_params(flat, seg), graph.state_list(seg, state))
   assert sorted(inputs) == ["down/kernel", "up/kernel"]
+
+
+def test_a_model_whose_forward_is_one_jitted_call_is_cut_at_its_blocks():
+  """gemma's Transformer wraps __call__ in nn.jit: the whole forward is one pjit at the top level."""
+  import functools
+
+  class Net(nn.Module):
+    @functools.partial(nn.jit, static_argnames=("self",))
+    @nn.compact
+    def __call__(self, x):
+      for i in range(3):
+        x = x + nn.Dense(16, name=f"layer_{i}")(x)
+      return x
+
+  m, x = Net(), jnp.ones((2, 16))
+  p = m.init(jax.random.key(0), x)["params"]
+  fn = lambda p, x: m.apply({"params": p}, x)
+  prog = graph.trace(fn, p, x)
+  assert prog.blocks == ("layer_0", "layer_1", "layer_2")
+  np.testing.assert_allclose(_run_all(prog, p, x), fn(p, x), rtol=1e-6)

@@ -106,3 +106,16 @@ def test_load_rejects_non_checkpoints(tmp_path):
   (tmp_path / "junk").mkdir()
   with pytest.raises(ValueError, match="not a jquant checkpoint"):
     jquant.load(tmp_path / "junk")
+
+
+def test_rules_with_model_axes_leave_non_matmul_leaves_float():
+  """A broad rule with axes= quantizes only what a matmul contracts; norm scales stay float, with a warning."""
+  import warnings as _w
+  params = {"layer_0": {"attn": {"q": {"w": jnp.ones((64, 32))}, "norm": {"scale": jnp.linspace(-1, 1, 64)}}}}
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32)
+  with _w.catch_warnings(record=True) as caught:
+    _w.simplefilter("always")
+    q = jquant.quantize_params(params, [jquant.Rule(r"^layer_\d+/attn/", spec)], axes={"layer_0/attn/q/w": (0,)})
+  assert isinstance(q["layer_0"]["attn"]["q"]["w"], jquant.QArray)
+  assert not isinstance(q["layer_0"]["attn"]["norm"]["scale"], jquant.QArray)
+  assert any("layer_0/attn/norm/scale" in str(w.message) for w in caught)
