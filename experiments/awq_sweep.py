@@ -10,7 +10,9 @@ Usage:
     python experiments/awq_sweep.py                        # the default run list
     python experiments/awq_sweep.py --runs w3-rtn,w3-awq --calib-windows 16 --eval-windows 16
 
-Run names: ``{w4,w3}-{rtn,awq,awq-skip1,awq-noclip,awq-both,awq-qprop,awq-score8,gptq,awq+gptq,awq-noclip+gptq}``.
+Run names: ``{w4,w3}-{rtn,awq,awq-skip1,awq-noclip,awq-both,awq-qprop,awq-score8,awq-tied,gptq,awq+gptq,
+awq-noclip+gptq}``. AWQ runs through the generic model pass (`jquant.awq` on the traced program, folds
+derived and verified), the same path any Flax model takes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ AWQ_OPTIONS = {
     "awq-both": {"variant": "both"},
     "awq-qprop": {"propagate": "quantized"},
     "awq-score8": {"score_windows": 8},
+    "awq-tied": {"tied_folds": True},  # also scale v -> o with scales tied over each kv head's query heads
 }
+# Group names: the fold's source inside the block (older caches used attn_in / mlp_in / mlp_out / attn_out).
+GROUPS = (("attn_norm", "attn_in"), ("attn/v", "attn_out"), ("mlp_norm", "mlp_in"), ("mlp/up", "mlp_out"))
 
 
 def spec_for(bits: int):
@@ -158,11 +163,13 @@ def write_report(cache, setting):
                  f"{v['err_rest']:.4f} |")
   alpha_rows = [(k, v["alphas"]) for k, v in rows if "alphas" in v]
   if alpha_rows:
-    lines += ["", "Chosen alpha per group, averaged over the 30 blocks:", "",
-              "| run | attn_in | mlp_in | mlp_out |", "|---|---:|---:|---:|"]
+    lines += ["", "Chosen alpha per group (fold source), averaged over the 30 blocks:", "",
+              "| run | " + " | ".join(new for new, _ in GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
     for k, a in alpha_rows:
-      mean = lambda g: sum(a.get(g, [0])) / max(len(a.get(g, [])), 1)  # noqa: E731
-      lines.append(f"| {k} | {mean('attn_in'):.2f} | {mean('mlp_in'):.2f} | {mean('mlp_out'):.2f} |")
+      def mean(names):
+        vals = [v for n in names for v in a.get(n, [])]
+        return f"{sum(vals) / len(vals):.2f}" if vals else "-"
+      lines.append(f"| {k} | " + " | ".join(mean(g) for g in GROUPS) + " |")
   with open(os.path.join(RESULTS, "awq_sweep.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   import matplotlib

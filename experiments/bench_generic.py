@@ -69,7 +69,25 @@ def run_gptq(model, calib) -> dict:
           "loss_ratio": rep.total_loss / rep.total_rtn_loss, "kernels": len(rep.layers)}
 
 
-METHODS = {"gptq": run_gptq}
+AWQ_SCORE_WINDOWS = 2  # as `make demo`: statistics on every window, the scale search scored on the first 2
+
+
+def run_awq(model, calib) -> dict:
+  """One AWQ pass (W4 g128 asym, scored on 2 windows, as the demo) then RTN, timed to the last packed byte."""
+  import jax
+  import jquant
+  from jquant import awq
+  rules = [jquant.Rule(KERNELS, _spec())]
+  t, c = time.perf_counter(), time.process_time()
+  scaled = awq.scale_model(model, model.params, calib, rules, score_windows=AWQ_SCORE_WINDOWS, progress=False)
+  q = jax.block_until_ready(jquant.quantize_params(scaled.params, rules))
+  err = sum(r.error for r in scaled.reports)
+  rtn = sum(r.rtn_error for r in scaled.reports)
+  return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c, "fingerprint": fingerprint(q),
+          "loss_ratio": err / rtn, "groups": len(scaled.reports)}
+
+
+METHODS = {"gptq": run_gptq, "awq": run_awq}
 
 
 def _compiled_steps() -> int | None:
@@ -84,7 +102,7 @@ def _compiled_steps() -> int | None:
   return sum(len(entry.prog._jit_cache) for _, entry in progs.values())
 
 
-def worker(method: str, windows: int, length: int) -> dict:
+def worker(method: str, windows: int, length: int, passes: int = 2) -> dict:
   """Runs in a subprocess whose PYTHONPATH selects the implementation."""
   import jquant
   from jquant import data, models
@@ -93,7 +111,7 @@ def worker(method: str, windows: int, length: int) -> dict:
   calib = data.calibration_windows(model.tokenizer, windows, length=length)
   load = time.perf_counter() - t
   first = METHODS[method](model, calib)
-  second = METHODS[method](model, calib)
+  second = METHODS[method](model, calib) if passes > 1 else None
   out = {"jquant": os.path.dirname(jquant.__file__), "load_s": load, "first": first, "second": second,
          "compiled_steps": _compiled_steps()}
   if out["compiled_steps"] is not None:  # the new path's one-off cost: tracing and cutting the program
@@ -109,7 +127,7 @@ def worker(method: str, windows: int, length: int) -> dict:
 def _spawn(path: str, method: str, args) -> dict:
   env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--windows", str(args.windows),
-         "--length", str(args.length)]
+         "--length", str(args.length), "--passes", str(args.passes)]
   res = subprocess.run(cmd, env=env, cwd=path, capture_output=True, text=True)
   if res.returncode != 0:
     raise RuntimeError(f"bench_generic: the worker for {method} from {path} failed:\n{res.stderr[-4000:]}")
@@ -121,12 +139,14 @@ def main(argv=None):
   ap.add_argument("--windows", type=int, default=8)
   ap.add_argument("--length", type=int, default=512)
   ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--passes", type=int, default=2, choices=(1, 2),
+                  help="passes per implementation (1: the first pass only, for long methods such as AWQ)")
   ap.add_argument("--base", default="/tmp/jq_base", help="worktree of commit 3603afc (the old implementation)")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--out", default=os.path.join(RESULTS, "bench_generic.md"))
   args = ap.parse_args(argv)
   if args.worker:
-    print(json.dumps(worker(args.worker, args.windows, args.length)))
+    print(json.dumps(worker(args.worker, args.windows, args.length, args.passes)))
     return
   methods = [m for m in args.methods.split(",") if m]
   unknown = [m for m in methods if m not in METHODS]
@@ -150,23 +170,37 @@ def write_report(rows, args):
            "3603afc (block protocol: `embed`/`block`/`block_names`), NEW = this checkout (`jquant.graph`: the "
            "model's program traced and cut into blocks, one compiled step per block structure). Each "
            "implementation runs in its own fresh process: the first pass includes tracing and compilation, the "
-           "second reuses them. GPTQ: W4 g128 asym (pad_groups), act-order, on every `layers_*/(attn|mlp)` kernel.",
+           "second reuses them. GPTQ: W4 g128 asym (pad_groups), act-order, on every `layers_*/(attn|mlp)` kernel. "
+           "AWQ: the same spec, scales searched on the first 2 windows (statistics on all), clipping, then RTN; its "
+           "loss ratio is the searched groups' error over RTN's (alpha 0).",
            "",
            "| method | OLD 1st pass s | NEW 1st pass s | ratio | OLD 2nd pass s | NEW 2nd pass s | ratio | "
            "same packed bytes | loss ratio vs RTN (new) |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
   for m, old, new in rows:
     o1, n1 = old["first"]["seconds"], new["first"]["seconds"]
-    o2, n2 = old["second"]["seconds"], new["second"]["seconds"]
     same = old["first"]["fingerprint"] == new["first"]["fingerprint"]
-    lines.append(f"| {m} | {o1:.1f} | {n1:.1f} | {n1 / o1:.2f}x | {o2:.1f} | {n2:.1f} | {n2 / o2:.2f}x | "
+    if old.get("second") and new.get("second"):
+      o2, n2 = old["second"]["seconds"], new["second"]["seconds"]
+      second = f"{o2:.1f} | {n2:.1f} | {n2 / o2:.2f}x"
+    else:
+      second = "- | - | -"
+    lines.append(f"| {m} | {o1:.1f} | {n1:.1f} | {n1 / o1:.2f}x | {second} | "
                  f"{'yes' if same else 'no'} | {new['first'].get('loss_ratio', float('nan')):.3f} |")
   lines.append("")
   for m, old, new in rows:
     if "trace_s" in new:
+      steps = (f"; {new['compiled_steps']} compiled segment steps in all (prefix, Hessian and forward steps)"
+               if m == "gptq" else "")
       lines.append(f"{m} NEW: tracing and cutting the program takes {new['trace_s']:.1f} s "
-                   f"({new['blocks']} blocks, {new['distinct_block_structures']} distinct block structure(s)); "
-                   f"{new['compiled_steps']} compiled segment steps in all (prefix, Hessian and forward steps).")
+                   f"({new['blocks']} blocks, {new['distinct_block_structures']} distinct block structure(s)){steps}.")
+  for m, old, new in rows:
+    if "cpu_seconds" in new["first"] and "cpu_seconds" in old["first"]:
+      oc, nc = old["first"]["cpu_seconds"], new["first"]["cpu_seconds"]
+      lines.append(f"{m}: process CPU seconds of the first pass (all threads; less sensitive to other jobs than "
+                   f"wall time) OLD {oc:.1f}, NEW {nc:.1f}: {nc / oc:.2f}x; searched groups OLD "
+                   f"{old['first']['groups']}, NEW {new['first']['groups']}; loss ratio vs RTN OLD "
+                   f"{old['first']['loss_ratio']:.3f}, NEW {new['first']['loss_ratio']:.3f}.")
   lines.append(f"Load average at the end of the run (1/5/15 min): "
                f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}.")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -1,6 +1,7 @@
 """AWQ rows of `make demo`: AWQ W4 g128 and AWQ W3 g128 (asymmetric), plus AWQ+GPTQ with ``--full``.
 
-One AWQ search per bit width serves both its rows: the scaled float
+AWQ runs the generic model pass (`jquant.awq` on SmolLM2's traced program, folds derived and
+verified), the path any Flax model takes. One AWQ search per bit width serves both its rows: the scaled float
 parameters are quantized by round-to-nearest (the AWQ row) and, with
 ``--full``, by GPTQ (the AWQ+GPTQ row). The scale search is scored on the
 first ``SCORE_WINDOWS`` calibration windows; the statistics use all of them.
@@ -38,7 +39,7 @@ def demo_rows(model, params, calib, evalw, args=None):
     scaled = awq.scale_model(model, params, calib, rules, score_windows=SCORE_WINDOWS, progress=False)
     search_s = time.perf_counter() - t
     t = time.perf_counter()
-    q = jax.block_until_ready(jquant.quantize_params(scaled.params, rules))
+    q = jax.block_until_ready(jquant.quantize_params(scaled.params, rules, axes=scaled.axes))
     rows.append({"method": f"AWQ W{bits} g128 asym", "params": q,
                  "quant_seconds": search_s + time.perf_counter() - t})
     if full:

@@ -1,79 +1,74 @@
-"""SmoothQuant: move activation outliers into the weights, exactly, before W8A8.
+"""SmoothQuant: move activation outliers into the weights, exactly, before W8A8; on any model.
 
-For a Dense input ``x`` (K channels) and the kernels ``W`` that read it,
-``x @ W == (x / s) @ (s[:, None] * W)`` for any positive ``s``. With
+For a matmul input ``x`` (K channels) and the kernels ``W`` that read it,
+``x @ W == (x / s) @ (s * W)`` along the contraction for any positive ``s``.
+With
 
     s_j = max|x_j|^alpha / max|W_j,:|^(1 - alpha)
 
 channels with outlier activations are divided down and their weight rows
 scaled up, so one per-tensor int8 activation scale fits all channels better
-(Xiao et al., 2023). The division by ``s`` is folded into whatever produced
-``x``, so the smoothed float model computes the same function:
+(Xiao et al., 2023). The division by ``s`` is folded into whatever produces
+``x`` (`jquant.folds`): a norm's scale (and bias), Gemma's ``1 + scale``, or
+a linear layer's output columns *and its bias*; grouped-query ``v -> o``
+with ``s`` tied over the query heads that read one kv head. The folds are
+derived from the model's own program and each is verified on a calibration
+batch before use, so a fold that would change the float model (a bias left
+undivided, a GELU between ``up`` and ``down``, a post-norm LayerNorm that also
+feeds the residual) is never applied: derived candidates that fail are
+dropped, a fold you pass that fails raises `jquant.folds.FoldError`.
 
-* ``attn_norm`` (RMSNorm scale) -> ``attn/q``, ``attn/k``, ``attn/v``;
-* ``mlp_norm`` -> ``mlp/gate``, ``mlp/up``;
-* ``mlp/down``'s input is ``act(gate) * up``, linear in ``up``'s output:
-  divide ``up``'s output columns by ``s``;
-* ``attn/o``'s input is ``softmax(q k^T) v``, linear in ``v``'s output:
-  divide ``v``'s output columns by ``s`` (optional; with grouped-query
-  attention one ``s`` is shared by the query heads that read a kv head).
+`search_alpha` picks ``alpha`` per fold by the error of exactly the int8
+arithmetic that is served: the activations go through
+`jquant.ops.quantize_activations_static` (scale from
+`jquant.ops.static_activation_scale`) or
+`jquant.ops.quantize_activations_per_token`, the weights through the W8A8
+weight quantizer (`jquant.quantize` with a symmetric int8 per-channel spec),
+and the product through `jquant.ops.qdot` on a `jquant.ops.W8A8Weight`.
 
 Column scaling of ``up``/``v`` is free for per-output-channel int8 weights
 (each column's scale absorbs it).
 
 Example:
-  >>> from jquant.calibrate import calibrate
-  >>> from jquant.observers import MinMaxObserver
-  >>> st = calibrate(m, m.params, windows, rules, observer=MinMaxObserver("channel"))
-  >>> smoothed, s = smooth(m.params, st.amax(), alpha=0.5)
-  >>> # m.apply(smoothed, tokens) == m.apply(m.params, tokens) up to float rounding
+  >>> import jquant
+  >>> from jquant import observers, smoothquant
+  >>> chan = jquant.calibrate(model, params, calib, rules, observer=observers.MinMaxObserver("channel"))
+  >>> smoothed, s = smoothquant.smooth(model, params, calib, chan.amax(), alpha=0.5)
+  >>> # model.apply(smoothed, x) == model.apply(params, x) up to float rounding
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
-from jquant.utils import get_path as _get, set_path as _set
+from jquant import dataflow, folds as folds_lib, graph, ops
+from jquant.calibrate import W8A8Spec
+from jquant.qarray import quantize, to_matrix
+from jquant.spec import QuantSpec
+from jquant.utils import path_str
 
 S_MIN, S_MAX = 1e-5, 1e5  # keeps dead channels (max 0) finite
-
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # a grid up to 1.0 scored better per layer, worse end to end
-
-
-class Fold(NamedTuple):
-  """One smoothing site of a block.
-
-  Attributes:
-    name: Site name, also the key of per-site alphas (``attn_norm``, ``mlp_norm``,
-      ``mlp/up``, ``attn/v``).
-    source: Path (in the block) of what ``1/s`` is folded into.
-    source_kind: ``"norm"`` (divide the norm scale) or ``"columns"`` (divide
-      a kernel's output columns).
-    targets: Dense layers (in the block) whose input rows get ``* s``.
-  """
-  name: str
-  source: str
-  source_kind: str
-  targets: tuple
-
-
-LLAMA_FOLDS = (
-    Fold("attn_norm", "attn_norm/scale", "norm", ("attn/q", "attn/k", "attn/v")),
-    Fold("mlp_norm", "mlp_norm/scale", "norm", ("mlp/gate", "mlp/up")),
-    Fold("mlp/up", "mlp/up/kernel", "columns", ("mlp/down",)),
-    Fold("attn/v", "attn/v/kernel", "columns", ("attn/o",)),
-)
+ACTIVATIONS = ("static", "dynamic")
+WEIGHT_SPEC = W8A8Spec().weight_spec()  # the served W8A8 weights: symmetric int8, one scale per output channel
 
 
 def smoothing_factors(x_absmax, w_absmax, alpha: float) -> jax.Array:
-  """``s = max|x|^alpha / max|w|^(1-alpha)``, clipped to [1e-5, 1e5]; 1 where a max is 0."""
+  """``s = max|x|^alpha / max|w|^(1-alpha)``, clipped to [1e-5, 1e5]; 1 where a max is 0.
+
+  Args:
+    x_absmax: ``(K,)`` per-channel ``max|x|``.
+    w_absmax: ``(K,)`` per-input-row ``max|W|`` over the consumers' outputs.
+    alpha: Migration strength in [0, 1].
+
+  Example:
+    >>> smoothing_factors(jnp.array([4.0, 1.0]), jnp.array([1.0, 1.0]), 0.5)
+    Array([2., 1.], dtype=float32)
+  """
   x = jnp.asarray(x_absmax, jnp.float32)
   w = jnp.asarray(w_absmax, jnp.float32)
   s = jnp.power(jnp.maximum(x, 1e-30), alpha) / jnp.power(jnp.maximum(w, 1e-30), 1.0 - alpha)
@@ -81,235 +76,268 @@ def smoothing_factors(x_absmax, w_absmax, alpha: float) -> jax.Array:
   return jnp.where((x > 0) & (w > 0), s, 1.0)
 
 
-def _gqa_groups(model) -> Optional[tuple]:
-  """``(n_heads, n_kv_heads, head_dim)`` from ``model.config``, or None."""
-  cfg = getattr(model, "config", None)
-  def pick(*names):
-    for n in names:
-      v = getattr(cfg, n, None)
-      if v is not None:
-        return int(v)
-    return None
-  nh = pick("n_heads", "num_heads", "num_attention_heads")
-  nkv = pick("n_kv_heads", "num_kv_heads", "num_key_value_heads") or nh
-  hd = pick("head_dim")
-  if nh is None:
-    return None
-  return nh, nkv, hd
+def weight_absmax(fold: folds_lib.Fold, params: Mapping) -> jax.Array:
+  """``(K,)`` max ``|W|`` per input row over the fold's consumers (N-D kernels as their (K, N) matrices)."""
+  rows = [jnp.max(jnp.abs(to_matrix(params[c], fold.axes_of(i)).astype(jnp.float32)), axis=1)
+          for i, c in enumerate(fold.consumers)]
+  return jnp.max(jnp.stack(rows), axis=0)
 
 
-def _tie(v, groups, kind: str):
-  """Per-channel statistic of ``o``'s input (n_heads*hd) reduced to kv channels (n_kv*hd) by max.
+def activation_absmax(fold: folds_lib.Fold, act_absmax: Mapping, prefix: str = "") -> jax.Array:
+  """``(K,)`` max ``|x|`` per channel over the fold's consumers (from per-channel calibration).
 
-  Query head ``h`` reads kv head ``h // (n_heads // n_kv)``.
+  Raises:
+    ValueError: no statistics for the fold's consumers, or per-tensor ones.
   """
-  nh, nkv, hd = groups
-  return jnp.max(jnp.reshape(v, (nkv, nh // nkv, hd)), axis=1).reshape(-1)
-
-
-def _untie(s_kv, groups):
-  nh, nkv, hd = groups
-  return jnp.repeat(jnp.reshape(s_kv, (nkv, 1, hd)), nh // nkv, axis=1).reshape(-1)
-
-
-def site_factors(block_params, x_absmax_block: Mapping[str, jax.Array], fold: Fold, alpha: float,
-                 groups=None) -> tuple:
-  """Smoothing factors of one site: ``(s_for_targets (K,), s_for_source)``.
-
-  Args:
-    block_params: One block's parameters.
-    x_absmax_block: ``{target layer ("attn/q"): per-channel max|x| (K,)}``.
-    fold: The site.
-    alpha: Migration strength in [0, 1].
-    groups: ``(n_heads, n_kv_heads, head_dim)`` for the ``attn/v`` site.
-  """
-  xs = [jnp.asarray(x_absmax_block[t], jnp.float32) for t in fold.targets if t in x_absmax_block]
+  full = lambda c: c[1:] if c.startswith("/") else (f"{prefix}/{c}" if prefix else c)
+  name = (fold.under(prefix) if prefix else fold).name
+  xs = [jnp.asarray(act_absmax[full(c)], jnp.float32) for c in fold.consumers if full(c) in act_absmax]
   if not xs:
-    raise ValueError(f"smooth: no per-channel activation max for site {fold.name!r} (targets {fold.targets}).")
+    raise ValueError(f"smoothquant: no per-channel activation max for fold {name!r} (consumers "
+                     f"{[full(c) for c in fold.consumers]}); act_absmax has keys like {sorted(act_absmax)[:3]}. "
+                     "Calibrate the same model with observers.MinMaxObserver('channel').")
+  if any(v.ndim != 1 for v in xs):
+    raise ValueError(f"smoothquant: fold {name!r} needs per-channel statistics (shape (K,)), got shapes "
+                     f"{[tuple(v.shape) for v in xs]}; calibrate with observers.MinMaxObserver('channel').")
   x = jnp.max(jnp.stack(xs), axis=0)
-  if x.ndim != 1:
-    raise ValueError(f"smooth: site {fold.name!r} needs per-channel statistics (shape (K,)), got shape "
-                     f"{tuple(x.shape)}; calibrate with MinMaxObserver(granularity='channel').")
-  w = jnp.max(jnp.stack([jnp.max(jnp.abs(_get(block_params, t + "/kernel").astype(jnp.float32)), axis=1)
-                         for t in fold.targets]), axis=0)
-  if fold.name == "attn/v":
-    if groups is None:
-      raise ValueError("smooth: the attn/v -> attn/o site needs the head layout; pass model= to smooth.")
-    s_kv = smoothing_factors(_tie(x, groups, "x"), _tie(w, groups, "w"), alpha)
-    return _untie(s_kv, groups), s_kv
-  s = smoothing_factors(x, w, alpha)
-  return s, s
+  return x
 
 
-def apply_fold(block_params, fold: Fold, s_targets, s_source):
-  """Folds ``1/s`` into the site's source and ``s`` into its targets' input rows."""
-  bp = block_params
-  src = _get(bp, fold.source)
-  if fold.source_kind == "norm":
-    bp = _set(bp, fold.source, (src.astype(jnp.float32) / s_source).astype(src.dtype))
-  else:
-    bp = _set(bp, fold.source, (src.astype(jnp.float32) / s_source[None, :]).astype(src.dtype))
-  for t in fold.targets:
-    k = _get(bp, t + "/kernel")
-    bp = _set(bp, t + "/kernel", (k.astype(jnp.float32) * s_targets[:, None]).astype(k.dtype))
-  return bp
-
-
-def _block_names(params, model=None):
-  if model is not None and hasattr(model, "block_names"):
-    return list(model.block_names)
-  return sorted((k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k.split("_")[1]))
-
-
-def _alpha_for(alpha, block: str, site: str) -> float:
-  if isinstance(alpha, Mapping):
-    for key in (f"{block}/{site}", site):
-      if key in alpha:
-        return float(alpha[key])
-    raise ValueError(f"smooth: alpha has no entry for {block}/{site}; allowed keys: '<block>/<site>' or '<site>'.")
-  return float(alpha)
-
-
-def _default_sites(sites, model, folds):
-  if sites is not None:
-    return tuple(sites)
-  # The attn/v site needs the head layout, which only the model knows.
-  return tuple(f.name for f in folds if model is not None or f.name != "attn/v")
-
-
-def smooth(params, act_absmax: Mapping[str, jax.Array], alpha: Union[float, Mapping[str, float]] = 0.5, *,
-           model=None, sites: Optional[Sequence[str]] = None, folds: Sequence[Fold] = LLAMA_FOLDS):
-  """Smooths a Llama-style parameter tree; the float function is unchanged.
+def fold_factors(fold: folds_lib.Fold, params: Mapping, act_absmax: Mapping, alpha, prefix: str = "") -> jax.Array:
+  """The ``(K,)`` smoothing factors of one fold (tied over copies when the fold ties them).
 
   Args:
-    params: Float parameters (``layers_<i>`` blocks, see `LLAMA_FOLDS`).
-    act_absmax: ``{kernel path ("layers_0/attn/q/kernel"): per-channel max|x| (K,)}``,
-      e.g. ``calibrate(..., observer=MinMaxObserver("channel")).amax()``.
-    alpha: Migration strength, one float or ``{"<block>/<site>" or "<site>": float}``
-      (from `search_alpha`).
-    model: Needed for the ``attn/v`` site (head layout from ``model.config``).
-    sites: Which sites to smooth (names of `Fold` s); default all of ``folds``
-      (without ``attn/v`` when no model is given).
-    folds: The block layout.
+    fold: The `jquant.folds.Fold` (paths in ``params``; below ``prefix`` in
+      ``act_absmax``).
+    params: ``{path: array}`` holding the fold's paths.
+    act_absmax: ``{kernel path: (K,) max|x|}``.
+    alpha: Migration strength in [0, 1].
+    prefix: The block the fold's paths are relative to ("" for full paths).
+  """
+  k = folds_lib.check_fold(params, fold)
+  x, w = fold_factors_inputs(fold, params, act_absmax, prefix)
+  if x.shape != (k,):
+    raise ValueError(f"smoothquant: fold {fold.name!r} reads {k} channels but its statistics have shape "
+                     f"{tuple(x.shape)}.")
+  return smoothing_factors(x, w, alpha)
+
+
+def fold_factors_inputs(fold: folds_lib.Fold, params: Mapping, act_absmax: Mapping, prefix: str = ""):
+  """``(x_absmax, w_absmax)`` of a fold, tied over copies: what `smoothing_factors` reads."""
+  return (fold.tie_stat(activation_absmax(fold, act_absmax, prefix), "max"),
+          fold.tie_stat(weight_absmax(fold, params), "max"))
+
+
+def _alpha_for(alpha, name: str, fn: str) -> float:
+  if isinstance(alpha, Mapping):
+    if name in alpha:
+      a = alpha[name]
+    else:
+      keys = [k for k in alpha if name.endswith("/" + k)]
+      if not keys:
+        raise ValueError(f"{fn}: alpha has no entry for fold {name!r}; allowed keys: the fold's name or its "
+                         f"name inside its block (e.g. 'attn_norm'); got keys {sorted(alpha)[:6]}.")
+      a = alpha[max(keys, key=len)]
+  else:
+    a = alpha
+  a = float(a)
+  if not 0.0 <= a <= 1.0:
+    raise ValueError(f"{fn}: alpha={a!r} for {name}; allowed: a float in [0, 1].")
+  return a
+
+
+def _selected(folds, sites, fn: str):
+  if sites is None:
+    return list(folds)
+  sites = tuple(sites)
+  out = [f for f in folds if any(f.name == s or f.name.endswith("/" + s) for s in sites)]
+  names = sorted({f.name.rsplit("/", 1)[-1] for f in folds})
+  for s in sites:
+    if not any(f.name == s or f.name.endswith("/" + s) for f in folds):
+      raise ValueError(f"{fn}: site {s!r} names no fold of this model; its folds are {[f.name for f in folds][:8]} "
+                       f"(a site is a fold's name or its end, e.g. {names[:4]}).")
+  return out
+
+
+def model_folds(model, params, calib, *, folds: Optional[Sequence[folds_lib.Fold]] = None,
+                blocks: Optional[str] = None, batch_size: int = 8, rtol: Optional[float] = None):
+  """``(apply, params, folds)``: the model's verified folds (derived, or ``folds`` checked on one batch).
+
+  Raises:
+    jquant.folds.FoldError: a given fold changes the float model.
+  """
+  apply, own = graph.as_apply(model)
+  params = own if params is None else params
+  if params is None:
+    raise ValueError("smoothquant: params is None and the model holds none; pass its parameters.")
+  batch = graph.batches(calib, batch_size, fn="smoothquant")[0]
+  if folds is None:
+    folds = folds_lib.derive(apply, params, *batch, blocks=blocks, rtol=rtol).folds
+  else:
+    folds = list(folds)
+    folds_lib.verify(apply, params, batch, folds, rtol=rtol)
+  return apply, params, list(folds)
+
+
+def smooth(model, params, calib, act_absmax: Mapping[str, jax.Array], alpha: Union[float, Mapping[str, float]] = 0.5,
+           *, folds: Optional[Sequence[folds_lib.Fold]] = None, sites: Optional[Sequence[str]] = None,
+           blocks: Optional[str] = None, batch_size: int = 8, rtol: Optional[float] = None):
+  """Smooths a model's parameters; the float function is unchanged.
+
+  Args:
+    model: A Linen module, an NNX module, an object with ``.apply``, or a
+      function (see `jquant.graph.as_apply`).
+    params: Its float parameters (None: the model's own).
+    calib: Calibration data (`jquant.graph.batches`); the folds are derived
+      and verified on its first batch.
+    act_absmax: ``{kernel path: per-channel max|x| (K,)}``, e.g.
+      ``jquant.calibrate(..., observer=MinMaxObserver("channel")).amax()``.
+    alpha: Migration strength, one float or ``{fold name or its end
+      ("layers_3/attn_norm" or "attn_norm"): float}`` (from `search_alpha`).
+    folds: `jquant.folds.Fold` s to use instead of the derived ones (full
+      paths); each is verified first.
+    sites: Which folds to smooth, by name or name end (``"attn_norm"``,
+      ``"mlp/up"``); default all.
+    blocks: Optional regex naming the blocks (see `jquant.graph.find_blocks`).
+    batch_size: Examples per batch when ``calib`` is one array.
+    rtol: Fold verification tolerance (default `jquant.folds.default_rtol`).
 
   Returns:
-    ``(smoothed params, {"<block>/<site>": s})``.
+    ``(smoothed params, {fold name: s})``. Factors are computed from the
+    original weights and statistics, then all folds applied.
+
+  Raises:
+    jquant.folds.FoldError: a given fold changes the float model.
+    ValueError: missing or per-tensor statistics, alpha outside [0, 1].
+
+  Example:
+    >>> smoothed, s = smooth(model, params, calib, chan.amax(), alpha=0.5)
   """
-  by_name = {f.name: f for f in folds}
-  sites = _default_sites(sites, model, folds)
-  for s in sites:
-    if s not in by_name:
-      raise ValueError(f"smooth: site {s!r}; allowed: {tuple(by_name)}.")
-  groups = _gqa_groups(model) if model is not None else None
-  out = dict(params)
-  factors = {}
-  for b in _block_names(params, model):
-    xb = {k[len(b) + 1:-len("/kernel")]: v for k, v in act_absmax.items() if k.startswith(b + "/")}
-    bp = params[b]
-    for site in sites:
-      fold = by_name[site]
-      a = _alpha_for(alpha, b, site)
-      if not 0.0 <= a <= 1.0:
-        raise ValueError(f"smooth: alpha={a!r} for {b}/{site}; allowed: a float in [0, 1].")
-      st, ss = site_factors(bp, xb, fold, a, groups)
-      bp = apply_fold(bp, fold, st, ss)
-      factors[f"{b}/{site}"] = st
-    out[b] = bp
-  return out, factors
+  _, params, fs = model_folds(model, params, calib, folds=folds, blocks=blocks, batch_size=batch_size, rtol=rtol)
+  fs = _selected(fs, sites, "smooth")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_str(kp) for kp, _ in leaves]
+  flat = dict(zip(paths, (v for _, v in leaves)))
+  factors = {f.name: fold_factors(f, flat, act_absmax, _alpha_for(alpha, f.name, "smooth")) for f in fs}
+  for f in fs:
+    flat = folds_lib.apply_fold(flat, f, factors[f.name])
+  return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths]), factors
 
 
-def _int8_static(x, amax):
-  s = jnp.maximum(amax, 1e-8) / 127.0
-  return jnp.clip(jnp.round(x / s), -127, 127) * s
+def fold_error(x, kernels: Sequence, axes: Sequence[tuple], s, activations: str = "static",
+               weight_spec: QuantSpec = WEIGHT_SPEC) -> jax.Array:
+  """Squared error of the served W8A8 product after smoothing, on recorded inputs ``x``.
 
+  The smoothed input ``x / s`` and kernel ``s * W`` are quantized and
+  multiplied exactly as `jquant.ops.qdot` serves a `jquant.ops.W8A8Weight`
+  (static: a per-tensor scale `jquant.ops.static_activation_scale` of
+  ``max|x / s|`` on this sample; dynamic: per token).
 
-def _int8_dynamic(x):
-  s = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-8) / 127.0
-  return jnp.clip(jnp.round(x / s), -127, 127) * s
+  Args:
+    x: ``(..., K)`` inputs as `jquant.capture` records them.
+    kernels: The consumers' kernels; ``axes`` their contraction axes.
+    s: ``(K,)`` factors.
+    activations: ``"static"`` or ``"dynamic"``.
+    weight_spec: The W8A8 weight spec (symmetric int8, per channel or tensor).
 
-
-def _int8_weight(w):
-  s = jnp.maximum(jnp.max(jnp.abs(w), axis=0, keepdims=True), 1e-8) / 127.0
-  return jnp.clip(jnp.round(w / s), -127, 127) * s
-
-
-def site_error(x, kernels, s_targets, activations: str = "static") -> jax.Array:
-  """Squared output error of W8A8 after smoothing one site, on captured inputs ``x``.
-
-  Per-tensor static activation ranges come from ``max|x / s|`` of the sample.
+  Returns:
+    float32 ``sum ||served - x @ W||^2`` over the kernels.
   """
-  xs = x.astype(jnp.float32) / s_targets
-  xq = _int8_static(xs, jnp.max(jnp.abs(xs))) if activations == "static" else _int8_dynamic(xs)
+  x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+  xs = x2 / s
+  act_scale = ops.static_activation_scale(jnp.max(jnp.abs(xs))) if activations == "static" else None
   err = jnp.float32(0.0)
-  for k in kernels:
-    k = k.astype(jnp.float32)
-    ref = x.astype(jnp.float32) @ k
-    err = err + jnp.sum((xq @ _int8_weight(k * s_targets[:, None]) - ref) ** 2)
+  for k, ax in zip(kernels, axes):
+    m = to_matrix(k, ax).astype(jnp.float32)
+    ref = x2 @ m
+    w = ops.W8A8Weight(quantize(m * s[:, None], weight_spec), act_scale)
+    err = err + jnp.sum(jnp.square(ops.qdot(xs, w).astype(jnp.float32) - ref))
   return err
 
 
-def search_alpha(model, params, windows, act_absmax: Mapping[str, jax.Array], *,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, sites: Optional[Sequence[str]] = None,
-                 activations: str = "static", skip_positions: int = 0, batch_size: int = 4,
-                 folds: Sequence[Fold] = LLAMA_FOLDS, progress: bool = True) -> dict:
-  """Per-site alpha with the least W8A8 output error on a few windows.
+def search_alpha(model, params, calib, act_absmax: Mapping[str, jax.Array], *,
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, folds: Optional[Sequence[folds_lib.Fold]] = None,
+                 sites: Optional[Sequence[str]] = None, activations: str = "static",
+                 weight_spec: QuantSpec = WEIGHT_SPEC, skip_positions: int = 0, batch_size: int = 4,
+                 blocks: Optional[str] = None, rtol: Optional[float] = None, progress: bool = True) -> dict:
+  """Per-fold alpha with the least served W8A8 error on calibration data.
 
-  Runs the float model block by block (smoothing is exact, so every block
-  sees its float inputs) with `jquant.capture.capture_inputs`, and scores each
-  alpha by `site_error` summed over the windows.
+  Runs the float model block by block (`jquant.graph`; smoothing is exact, so
+  every block sees its float inputs), records each fold's consumer inputs on
+  device, and scores every alpha by `fold_error` summed over the batches.
 
   Args:
-    model: A jquant model with the block API.
-    params: Float parameters (unsmoothed).
-    windows: Int tokens (n, length); a handful is enough.
+    model, params, calib: As for `smooth` (a few windows are enough).
     act_absmax: Per-channel max|x| per kernel path (as for `smooth`).
-    alphas: Candidates.
-    sites: Sites to search (default: all of ``folds``).
+    alphas: Candidates in [0, 1].
+    folds, sites, blocks, rtol: As for `smooth`.
     activations: ``"static"`` or ``"dynamic"`` activation quantization to score.
-    skip_positions: Leave the first positions out of the error (attention sink).
-    batch_size: Windows per step.
+    weight_spec: The served weight spec (default W8A8's per-channel int8).
+    skip_positions: Leave the first positions (axis 1) out of the error.
+    batch_size: Examples per batch when ``calib`` is one array.
+    progress: Show a tqdm bar over blocks.
 
   Returns:
-    ``{"<block>/<site>": best alpha}`` for `smooth`.
+    ``{fold name: best alpha}`` for `smooth`.
+
+  Raises:
+    ValueError: bad ``activations``/``alphas``; jquant.graph.GraphError: no blocks.
   """
-  from jquant import capture
-  from jquant.calibrate import _check_windows
-  w = _check_windows(model, windows, "search_alpha")
-  by_name = {f.name: f for f in folds}
-  sites = _default_sites(sites, model, folds)
-  for s in sites:
-    if s not in by_name:
-      raise ValueError(f"search_alpha: site {s!r}; allowed: {tuple(by_name)}.")
-  if activations not in ("static", "dynamic"):
-    raise ValueError(f"search_alpha: activations={activations!r}; allowed: ('static', 'dynamic').")
-  groups = _gqa_groups(model)
-  names = _block_names(params, model)
+  if activations not in ACTIVATIONS:
+    raise ValueError(f"search_alpha: activations={activations!r}; allowed: {ACTIVATIONS}.")
   alphas = tuple(float(a) for a in alphas)
-
-  @jax.jit
-  def score(bp, h, xb):
-    out, inputs = capture.capture_inputs(model.block, bp, h)
-    inputs = {k.removesuffix('/kernel'): v for k, v in inputs.items()}
-    errs = {}
-    for site in sites:
-      fold = by_name[site]
-      x = inputs[fold.targets[0]][:, skip_positions:]
-      kernels = [_get(bp, t + "/kernel") for t in fold.targets]
-      row = []
-      for a in alphas:
-        st, _ = site_factors(bp, xb, fold, a, groups)
-        row.append(site_error(x, kernels, st, activations))
-      errs[site] = jnp.stack(row)
-    return out, errs
-
+  if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+    raise ValueError(f"search_alpha: alphas={alphas!r}; allowed: a non-empty sequence of floats in [0, 1].")
+  if weight_spec.bits != 8 or not weight_spec.symmetric or weight_spec.granularity == "group":
+    raise ValueError(f"search_alpha: weight_spec={weight_spec}; allowed: symmetric 8-bit, per channel or tensor.")
+  apply, params, fs = model_folds(model, params, calib, folds=folds, blocks=blocks, batch_size=batch_size, rtol=rtol)
+  fs = _selected(fs, sites, "search_alpha")
+  data = graph.batches(calib, batch_size, fn="search_alpha")
+  programs = dataflow.Programs(apply, params, blocks)
+  progs = [programs(b) for b in data]
+  by_path = dict(zip(progs[0].param_paths, graph._flat_params(params)))
+  states = [p.prefix(params, *b) for p, b in zip(progs, data)]
+  reducers: dict = {}
   totals = {}
-  hs = [model.embed(params, jnp.asarray(w[i:i + batch_size])) for i in range(0, w.shape[0], batch_size)]
-  for b in tqdm(names, desc="smoothquant alpha search", disable=not progress):
-    xb = {k[len(b) + 1:-len("/kernel")]: v for k, v in act_absmax.items() if k.startswith(b + "/")}
+  for bi in tqdm(range(len(progs[0].block_segments)), desc="smoothquant alpha search", disable=not progress):
+    segs = [p.block_segments[bi] for p in progs]
+    block = segs[0].name
+    mine = [(f, f.relative_to(block)) for f in fs]
+    mine = [(f, r) for f, r in mine if r is not None]
+    rel_folds = tuple(r for _, r in mine)
+    bp = progs[0].block_params(by_path, segs[0])
+    stats = [fold_factors_inputs(r, bp, act_absmax, block) for r in rel_folds]
+    reduce = reducers.get(rel_folds)
+    if reduce is None:
+      reduce = reducers[rel_folds] = _scorer(rel_folds, alphas, activations, weight_spec, skip_positions)
     acc = None
-    for i, h in enumerate(hs):
-      hs[i], errs = score(params[b], h, xb)
-      acc = errs if acc is None else jax.tree.map(jnp.add, acc, errs)
-    for site, e in acc.items():
-      totals[f"{b}/{site}"] = alphas[int(jnp.argmin(e))]
+    for i, (prog, seg) in enumerate(zip(progs, segs)):
+      outs, errs = prog.jitted(seg, reduce=reduce, record=True)(bp, graph.state_list(seg, states[i]), bp, stats)
+      states[i] = graph.updated(seg, states[i], outs)
+      acc = errs if acc is None else [a + e for a, e in zip(acc, errs)]
+    for (f, _), e in zip(mine, acc or []):
+      totals[f.name] = alphas[int(jnp.argmin(e))]
   return totals
+
+
+def _scorer(folds, alphas, activations, weight_spec, skip):
+  """A `jquant.graph.Program.jitted` reduce: errors of every fold x alpha on one batch, on device."""
+
+  def reduce(outs, inputs, bp, xmax):
+    errs = []
+    for f, (xm, wm) in zip(folds, xmax):
+      x = inputs[f.consumers[0]]
+      if skip and x.ndim >= 3:
+        x = x[:, skip:]
+      kernels = [bp[c] for c in f.consumers]
+      row = [fold_error(x, kernels, [f.axes_of(i) for i in range(len(kernels))], smoothing_factors(xm, wm, a),
+                        activations, weight_spec) for a in alphas]
+      errs.append(jnp.stack(row))
+    return outs, errs
+
+  return reduce
+
+
+__all__ = ["smooth", "search_alpha", "smoothing_factors", "fold_factors", "fold_factors_inputs", "fold_error",
+           "weight_absmax", "activation_absmax", "model_folds", "DEFAULT_ALPHAS", "ACTIVATIONS", "WEIGHT_SPEC",
+           "S_MIN", "S_MAX"]

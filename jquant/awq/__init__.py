@@ -16,8 +16,7 @@ Example:
 
 from jquant.awq import core
 from jquant.awq.core import ClipRange, ScaleSearch, search_clip, search_scales
-from jquant.awq.model import (AWQConfig, BertArch, Group, GroupReport, LlamaArch, ScaledModel, architecture,
-                              quantize_model, scale_model)
+from jquant.awq.model import AWQConfig, GroupReport, ScaledModel, quantize_model, scale_model
 
-__all__ = ["core", "AWQConfig", "BertArch", "ClipRange", "Group", "GroupReport", "LlamaArch", "ScaleSearch",
-           "ScaledModel", "architecture", "quantize_model", "scale_model", "search_clip", "search_scales"]
+__all__ = ["core", "AWQConfig", "ClipRange", "GroupReport", "ScaleSearch", "ScaledModel", "quantize_model",
+           "scale_model", "search_clip", "search_scales"]
