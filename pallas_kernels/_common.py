@@ -156,6 +156,23 @@ def gpu_target(arch: str):
     yield
 
 
+def or_fallback(kernel: Callable, fallback: Callable, backend: str) -> Callable:
+  """``kernel``, or ``fallback`` where it raises `KernelUnsupported` and ``backend`` is 'auto'.
+
+  A kernel asked for by name ('tpu', 'gpu') re-raises, so an explicit request never silently runs XLA.
+  """
+
+  def run(*args):
+    try:
+      return kernel(*args)
+    except KernelUnsupported:
+      if backend != "auto":
+        raise
+      return fallback(*args)
+
+  return run
+
+
 def with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
   """``kernel`` forward, the gradient of ``reference`` (plain XLA) backward.
 

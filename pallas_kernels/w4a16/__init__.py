@@ -75,14 +75,7 @@ def weight_only_matmul(x, packed, scale, zero_point=None, *, bits: int, k: int |
     return reference.weight_only_matmul(a, p, s, z, layout, out_dtype)
 
   def guarded(fn):
-    def run(a, p, s, z):
-      try:
-        return fn(a, p, s, z)
-      except _common.KernelUnsupported:
-        if backend != "auto":
-          raise
-        return xla_impl(a, p, s, z)
-    return run
+    return _common.or_fallback(fn, xla_impl, backend)
 
   def tpu_impl(a, p, s, z):
     if a.dtype not in (jnp.bfloat16, jnp.float32):

@@ -61,14 +61,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.bfloat16, *, backend: 
     return reference.w8a8_matmul(a, sa, b, sb, out_dtype)
 
   def guarded(fn):
-    def run(a, sa, b, sb):
-      try:
-        return fn(a, sa, b, sb)
-      except _common.KernelUnsupported:
-        if backend != "auto":
-          raise
-        return xla_impl(a, sa, b, sb)
-    return run
+    return _common.or_fallback(fn, xla_impl, backend)
 
   def tpu_impl(a, sa, b, sb):
     return tpu.w8a8_matmul(a, sa, b, sb, out_dtype, interpret=interpret, blocks=blocks)
