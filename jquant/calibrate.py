@@ -179,23 +179,6 @@ class ActivationStats:
 # Checks.
 
 
-def _check_windows(model, windows, fn: str):
-  """Token windows (n, length) for the token-window entry points (`jquant.smoothquant.search_alpha`)."""
-  if windows is None:
-    raise ValueError(f"{fn}: windows is None; allowed: an int array (n_windows, length) with n_windows >= 1.")
-  w = np.asarray(windows)
-  if w.ndim != 2:
-    raise ValueError(f"{fn}: windows has shape {w.shape}; allowed: an int array (n_windows, length).")
-  if w.shape[0] == 0:
-    raise ValueError(f"{fn}: windows is empty (shape {w.shape}); allowed: at least one calibration window.")
-  if not np.issubdtype(w.dtype, np.integer):
-    raise ValueError(f"{fn}: windows has dtype {w.dtype}; allowed: integer token ids.")
-  _check_context(model, w, fn)
-  if w.shape[1] == 0:
-    raise ValueError(f"{fn}: windows have length 0; allowed: length >= 1.")
-  return w
-
-
 def _context_length(model) -> Optional[int]:
   cfg = getattr(model, "config", None)
   for name in ("max_seq_len", "max_len", "max_length", "context_length", "max_position_embeddings"):

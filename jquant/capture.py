@@ -109,6 +109,11 @@ def capture_inputs(fn: Callable, *args, **kwargs) -> tuple[Any, dict[str, Any]]:
   return c.out, c.inputs
 
 
+def _abstract(fn: Callable, *args, **kwargs) -> Captured:
+  """`capture` run abstractly: its axes and groups are static, so they survive `jax.eval_shape`."""
+  return jax.eval_shape(lambda *a, **kw: capture(fn, *a, **kw), *args, **kwargs)
+
+
 def contraction_axes(fn: Callable, *args, **kwargs) -> dict[str, tuple]:
   """``{path: axes}``: the axes each parameter is contracted over, read from the model's own ops.
 
@@ -121,15 +126,7 @@ def contraction_axes(fn: Callable, *args, **kwargs) -> dict[str, tuple]:
   Example:
     >>> axes = jquant.capture.contraction_axes(model.apply, {"params": params}, x)
   """
-  found: dict = {}
-
-  def run(*a, **kw):
-    c = capture(fn, *a, **kw)
-    found.update(c.axes)
-    return c.out
-
-  jax.eval_shape(run, *args, **kwargs)
-  return found
+  return _abstract(fn, *args, **kwargs).axes
 
 
 def shared_input_groups(fn: Callable, *args, **kwargs) -> list[list[str]]:
@@ -138,15 +135,7 @@ def shared_input_groups(fn: Callable, *args, **kwargs) -> list[list[str]]:
   Read from the traced program, not from names: q/k/v after one norm are one
   group, gate/up another; every other layer is its own group.
   """
-  groups: list = []
-
-  def run(*a, **kw):
-    c = capture(fn, *a, **kw)
-    groups.extend(c.groups)
-    return c.out
-
-  jax.eval_shape(run, *args, **kwargs)
-  return groups
+  return _abstract(fn, *args, **kwargs).groups
 
 
 __all__ = ["capture", "capture_inputs", "contraction_axes", "shared_input_groups", "Captured",
