@@ -83,10 +83,8 @@ def capture(fn: Callable, *args, **kwargs) -> Captured:
         "capture: no matmul against a parameter was found. Looked for dot_general (nn.Dense, DenseGeneral, "
         "Einsum, jnp.einsum, jnp.dot, nnx.Linear...) whose operand is a leaf of the arguments: a float array "
         "of rank >= 2 or a quantized leaf. Pass the parameters as arguments of fn (not closed over).")
-  groups: dict = {}
-  for path in order:
-    groups.setdefault(sources[path], []).append(path)
-  return Captured(out, {p: inputs[p] for p in order}, {p: axes[p] for p in order}, list(groups.values()))
+  return Captured(out, {p: inputs[p] for p in order}, {p: axes[p] for p in order},
+                  intercept.group_by_source(order, sources))
 
 
 def capture_inputs(fn: Callable, *args, **kwargs) -> tuple[Any, dict[str, Any]]:

@@ -331,10 +331,7 @@ class Program:
                           [self._var(i) for i in seg.state_out])
     outs = intercept._eval(sub, self.closed.consts, self._inputs_for(seg, params_by_path, state, record), ctx)
     outs = [o.materialize("the block's outputs") if isinstance(o, intercept._View) else o for o in outs]
-    groups: dict = {}
-    for p in ctx.order:
-      groups.setdefault(ctx.sources[p], []).append(p)
-    return dict(zip(seg.state_out, outs)), ctx.inputs, ctx.axes, list(groups.values())
+    return dict(zip(seg.state_out, outs)), ctx.inputs, ctx.axes, ctx.groups()
 
   @property
   def block_segments(self) -> tuple:
@@ -380,10 +377,7 @@ class Program:
                             [self._var(i) for i in seg.state_out])
       vals = [_as_view(rel_params[r], r, True) for r in seg.rel] + list(state_in)
       intercept._eval(sub, self.closed.consts, vals, ctx)
-      groups: dict = {}
-      for p in ctx.order:
-        groups.setdefault(ctx.sources[p], []).append(p)
-      found.append((dict(ctx.axes), list(groups.values())))
+      found.append((dict(ctx.axes), ctx.groups()))
       return 0
 
     jax.eval_shape(probe, self.block_params(params_by_path, seg), state_list(seg, state))

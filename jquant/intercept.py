@@ -210,6 +210,14 @@ class _View:
     return w.astype(self.dtype)
 
 
+def group_by_source(order, sources) -> list[list[str]]:
+  """Paths (in ``order``) grouped by equal ``sources[path]`` keys."""
+  groups: dict = {}
+  for p in order:
+    groups.setdefault(sources[p], []).append(p)
+  return list(groups.values())
+
+
 class _Context:
   """What an evaluation collects: recorded matmul inputs and contraction axes."""
 
@@ -221,6 +229,10 @@ class _Context:
     self.sources: dict[str, tuple] = {}
     self.canonical: dict[tuple, Any] = {}
     self._alive: list = []  # keeps recorded activations alive, so their ids identify them
+
+  def groups(self) -> list[list[str]]:
+    """Recorded paths grouped by the activation array they read, in call order."""
+    return group_by_source(self.order, self.sources)
 
 
 # ---------------------------------------------------------------------------
