@@ -1,19 +1,27 @@
-"""GPTQ sweep on SmolLM2-135M: W4/W3 x g128/per-channel x act-order off/on x sym/asym, against RTN.
+"""GPTQ against round-to-nearest on SmolLM2-135M, in and out of the calibration domain.
 
 Every ``layers_*/(attn|mlp)`` Dense kernel is quantized (embedding/head and
-norms stay float32). Calibration windows come from news text (Lee corpus),
-evaluation windows from Wikipedia (disjoint). 576 is not a multiple of 128, so
-g128 uses ``pad_groups=True`` (each column's last group on a 576-wide input
-holds 64 weights), for RTN and GPTQ alike.
+norms stay float32). Calibration windows come from news text (Lee corpus);
+perplexity is measured on Wikipedia windows and on Shakespeare windows (a
+genre the calibration never saw). 576 is not a multiple of 128, so g128 uses
+``pad_groups=True`` (each column's last group on a 576-wide input holds 64
+weights), for RTN and GPTQ alike.
+
+Two parts:
+
+* the grid: W4/W3 x g128/per-channel x sym/asym, RTN against GPTQ with
+  jquant's default configuration (``gptq.quantize_model``'s defaults);
+* the study (``--study``): GPTQ variants at chosen settings: the one-capture
+  pass (``true_sequential=False``), act-order off, the attention-sink remedies
+  (``token_norm_cap``, ``skip_positions``) and dampening.
 
 Results are cached in ``experiments/results/gptq_sweep.json`` (a rerun skips
-the runs already there; ``--fresh`` starts over) and written as
-``gptq_sweep.md`` (table) and ``gptq_sweep.png`` (plot).
+runs already there; ``--fresh`` starts over) and written as ``gptq_sweep.md``
+and ``gptq_sweep.png``.
 
 Usage:
-    python experiments/gptq_sweep.py [--calib-windows 32] [--eval-windows 16] [--length 512]
-                                     [--skip-positions 0] [--bits 4,3] [--skip-study 1]
-                                     [--sink-study 32,512] [--fresh]
+    python experiments/gptq_sweep.py [--calib-windows 16] [--eval-windows 8] [--length 512]
+        [--bits 4,3] [--study "W3 g128 asym,W4 g128 asym"] [--variants one-capture,no-act-order,...] [--fresh]
 """
 
 from __future__ import annotations
@@ -24,12 +32,22 @@ import json
 import os
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 KERNELS = r"layers_\d+/(attn|mlp)/\w+/kernel$"
-POSITION_WINDOWS = 4  # evaluation windows the per-position logit errors use (g128 runs)
+CORPORA = ("wikipedia", "shakespeare")
+
+# GPTQ variants of the study: quantize_model keyword arguments on top of the defaults.
+VARIANTS = {
+    "default": {},
+    "one-capture": {"true_sequential": False},
+    "no-act-order": {"act_order": False},
+    "no-sink-cap": {"token_norm_cap": None},
+    "sink-cap 4": {"token_norm_cap": 4.0},
+    "skip sink": {"skip_positions": 1, "token_norm_cap": None},
+    "damp 0.1": {"damp": 0.1},
+    "damp 0.01": {"damp": 0.01},
+}
 
 
 def spec_for(bits, gran, sym):
@@ -39,24 +57,24 @@ def spec_for(bits, gran, sym):
   return jquant.QuantSpec(bits=bits, symmetric=sym, granularity="channel")
 
 
-def run_name(method, bits, gran, sym, act_order=False):
-  name = f"{method} W{bits} {gran} {'sym' if sym else 'asym'}"
-  return name + (" act-order" if act_order else "") if method == "GPTQ" else name
+def setting_name(bits, gran, sym):
+  return f"W{bits} {gran} {'sym' if sym else 'asym'}"
+
+
+def parse_setting(name):
+  b, gran, sym = name.split()
+  return int(b[1:]), gran, sym == "sym"
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--calib-windows", type=int, default=32)
-  ap.add_argument("--eval-windows", type=int, default=16)
+  ap.add_argument("--calib-windows", type=int, default=16)
+  ap.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation corpus")
   ap.add_argument("--length", type=int, default=512)
-  ap.add_argument("--skip-positions", type=int, default=0)
   ap.add_argument("--bits", default="4,3")
   ap.add_argument("--batch-size", type=int, default=8)
-  ap.add_argument("--skip-study", default="1",
-                  help="comma list of skip_positions values also run for GPTQ W3 g128 asym ('' for none)")
-  ap.add_argument("--sink-study", default="32,512",
-                  help="comma list of Hessian weights of position 0 also run for GPTQ W3/W4 g128 asym act-order "
-                       "('' for none)")
+  ap.add_argument("--study", default="W3 g128 asym,W4 g128 asym", help="settings of the variant study ('' for none)")
+  ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "default"))
   ap.add_argument("--fresh", action="store_true")
   ap.add_argument("--out", default=os.path.join(RESULTS, "gptq_sweep"))
   args = ap.parse_args(argv)
@@ -66,14 +84,14 @@ def main(argv=None):
   from jquant import data, eval as jeval, gptq, models
 
   cache_path = args.out + ".json"
-  settings = {k: getattr(args, k) for k in ("calib_windows", "eval_windows", "length", "skip_positions")}
+  settings = {k: getattr(args, k) for k in ("calib_windows", "eval_windows", "length")}
   cache = {}
   if os.path.exists(cache_path) and not args.fresh:
     with open(cache_path) as f:
       cache = json.load(f)
     if cache.get("settings") != settings:
       cache = {}
-  cache.setdefault("settings", settings)
+  cache["settings"] = settings
   runs = cache.setdefault("runs", {})
 
   def save():
@@ -83,118 +101,81 @@ def main(argv=None):
 
   model = models.from_gguf()
   calib = data.calibration_windows(model.tokenizer, args.calib_windows, length=args.length)
-  evalw = data.eval_windows(model.tokenizer, args.eval_windows, length=args.length)
+  windows = {"wikipedia": data.eval_windows(model.tokenizer, args.eval_windows, length=args.length),
+             "shakespeare": data.shakespeare_windows(model.tokenizer, args.eval_windows, length=args.length)}
 
   def evaluate(params):
-    return jeval.perplexity(model, params, evalw, batch_size=args.batch_size, progress=False)[0]
+    return {c: jeval.perplexity(model, params, w, batch_size=args.batch_size, progress=False)[0]
+            for c, w in windows.items()}
 
-  def positions(params):
-    """Relative logit error at the attention sink (position 0) and averaged over positions 1+."""
-    err = jeval.per_position_error(model, model.params, params, evalw[:POSITION_WINDOWS],
-                                   batch_size=POSITION_WINDOWS)
-    return {"err_pos0": float(err[0]), "err_pos1+": float(err[1:].mean())}
+  def run(name, quantize):
+    if name not in runs:
+      t = time.perf_counter()
+      out = quantize()
+      q, rep = out if isinstance(out, tuple) else (out, None)
+      q = jax.block_until_ready(q)
+      r = {"quant_s": time.perf_counter() - t, "bits": jquant.footprint(q).quantized_bits_per_weight, **evaluate(q)}
+      if rep is not None:
+        r["loss_ratio"] = rep.total_loss / rep.total_rtn_loss
+      runs[name] = r
+      save()
+    print(name, {k: round(v, 3) for k, v in runs[name].items()}, flush=True)
+
+  def gptq_pass(rules, **kw):
+    return lambda: gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
+                                       progress=False, verbose=False, return_report=True, **kw)
 
   if "float32" not in runs:
-    runs["float32"] = {"ppl": evaluate(model.params), "bits": 32.0, "quant_s": 0.0}
+    runs["float32"] = {"quant_s": 0.0, "bits": 32.0, **evaluate(model.params)}
     save()
-  bits_list = [int(b) for b in args.bits.split(",")]
-  for bits, gran, sym in itertools.product(bits_list, ("g128", "channel"), (True, False)):
+  for bits, gran, sym in itertools.product([int(b) for b in args.bits.split(",")], ("g128", "channel"),
+                                           (True, False)):
     rules = [jquant.Rule(KERNELS, spec_for(bits, gran, sym))]
-    name = run_name("RTN", bits, gran, sym)
-    if name not in runs:
-      t = time.perf_counter()
-      q = jax.block_until_ready(jquant.quantize_params(model.params, rules))
-      qs = time.perf_counter() - t
-      runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs}
-      if gran == "g128":
-        runs[name].update(positions(q))
-      save()
-    print(name, runs[name], flush=True)
-    for act_order in (False, True):
-      name = run_name("GPTQ", bits, gran, sym, act_order)
-      if name in runs:
-        print(name, runs[name], flush=True)
-        continue
-      t = time.perf_counter()
-      q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
-                                   skip_positions=args.skip_positions, act_order=act_order,
-                                   progress=False, verbose=False, return_report=True)
-      qs = time.perf_counter() - t
-      runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
-                    "loss_ratio": rep.total_loss / rep.total_rtn_loss}
-      if gran == "g128":
-        runs[name].update(positions(q))
-      save()
-      print(name, runs[name], flush=True)
-  # Attention sink: leave the first positions of each window out of the Hessians.
-  rules = [jquant.Rule(KERNELS, spec_for(3, "g128", False))]
-  for skip in [int(v) for v in args.skip_study.split(",") if v.strip()]:
-    name = run_name("GPTQ", 3, "g128", False) + f" skip{skip}"
-    if name not in runs:
-      t = time.perf_counter()
-      q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
-                                   skip_positions=skip, progress=False, verbose=False, return_report=True)
-      qs = time.perf_counter() - t
-      runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
-                    "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}
-      save()
-    print(name, runs[name], flush=True)
-  # ... or weight position 0 up in them (protecting the sink).
-  for bits in bits_list:
-    rules = [jquant.Rule(KERNELS, spec_for(bits, "g128", False))]
-    for w0 in [float(v) for v in args.sink_study.split(",") if v.strip()]:
-      name = run_name("GPTQ", bits, "g128", False, True) + f" pos0x{w0:g}"
-      if name not in runs:
-        pw = np.ones(args.length, np.float32)
-        pw[0] = w0
-        t = time.perf_counter()
-        q, rep = gptq.quantize_model(model, model.params, calib, rules, batch_size=args.batch_size,
-                                     position_weights=pw, act_order=True, progress=False, verbose=False,
-                                     return_report=True)
-        qs = time.perf_counter() - t
-        runs[name] = {"ppl": evaluate(q), "bits": jquant.footprint(q).quantized_bits_per_weight, "quant_s": qs,
-                      "loss_ratio": rep.total_loss / rep.total_rtn_loss, **positions(q)}
-        save()
-      print(name, runs[name], flush=True)
+    s = setting_name(bits, gran, sym)
+    run(f"RTN {s}", lambda: jquant.quantize_params(model.params, rules))
+    run(f"GPTQ {s}", gptq_pass(rules))
+  for s in [v.strip() for v in args.study.split(",") if v.strip()]:
+    rules = [jquant.Rule(KERNELS, spec_for(*parse_setting(s)))]
+    for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
+      run(f"GPTQ {s} {v}", gptq_pass(rules, **VARIANTS[v]))
   write_report(cache, args.out, os.cpu_count())
 
 
 def write_report(cache, out, cpus):
+  import inspect
+
+  from jquant import gptq
   runs, st = cache["runs"], cache["settings"]
-  fl = runs["float32"]["ppl"]
-  lines = [f"# GPTQ sweep: SmolLM2-135M, calib {st['calib_windows']}x{st['length']} (news), "
-           f"eval {st['eval_windows']}x{st['length']} (Wikipedia)", "",
-           f"Machine: {cpus}-core CPU container. Solver: block 128, damp 0.01, group parameters when a group's "
-           f"first row is reached (act-order: contiguous groups, see jquant.gptq.solve); "
-           f"Hessians skip the first {st['skip_positions']} positions of each window. "
-           "Loss ratio = GPTQ / RTN layer loss sum_j (w-q)^T H (w-q)/2, summed over the 210 kernels. "
-           "g128 on 576-wide inputs: pad_groups (last group of 64).", "",
-           f"float32 perplexity: {fl:.3f}", "",
-           "| bits | groups | sym | RTN ppl | GPTQ ppl | GPTQ act-order ppl | bits/w | loss ratio (act-order) | "
-           "GPTQ quant s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-  keys = []
-  for bits in (4, 3):
-    for gran in ("g128", "channel"):
-      for sym in (True, False):
-        rtn = runs.get(run_name("RTN", bits, gran, sym))
-        g0 = runs.get(run_name("GPTQ", bits, gran, sym, False))
-        g1 = runs.get(run_name("GPTQ", bits, gran, sym, True))
-        if rtn is None:
-          continue
-        keys.append((bits, gran, sym, rtn, g0, g1))
-        f = lambda r, k="ppl": "" if r is None else f"{r[k]:.3f}"
-        lr = "" if g0 is None else f"{g0['loss_ratio']:.3f}" + ("" if g1 is None else f" ({g1['loss_ratio']:.3f})")
-        qs = "" if g0 is None else f"{g0['quant_s']:.0f}"
-        lines.append(f"| W{bits} | {gran} | {'sym' if sym else 'asym'} | {rtn['ppl']:.3f} | {f(g0)} | {f(g1)} | "
-                     f"{rtn['bits']:.3f} | {lr} | {qs} |")
-  lines += ["", f"Logit error ||logits_q - logits_f|| / ||logits_f|| on {POSITION_WINDOWS} evaluation windows: at "
-            "position 0 (the attention sink: windows start without BOS) and averaged over positions 1+ (g128 runs; "
-            "'skipN' = Hessians without the first N positions of each window; 'pos0xW' = position 0 weighted W "
-            "times in the Hessians, `position_weights`).", "",
-            "| run | wiki ppl | logit err pos 0 | logit err pos 1+ |", "|---|---:|---:|---:|"]
-  for name, r in runs.items():
-    if "err_pos0" in r:
-      lines.append(f"| {name} | {r['ppl']:.3f} | {r['err_pos0']:.4f} | {r['err_pos1+']:.4f} |")
+  sig = inspect.signature(gptq.quantize_model).parameters
+  defaults = ", ".join(f"{k}={sig[k].default!r}" for k in ("true_sequential", "act_order", "token_norm_cap",
+                                                             "damp") if k in sig)
+  fl = runs["float32"]
+  lines = [f"# GPTQ against RTN: SmolLM2-135M, calibration {st['calib_windows']}x{st['length']} news tokens, "
+           f"evaluation {st['eval_windows']}x{st['length']} Wikipedia and Shakespeare tokens", "",
+           f"Machine: {cpus}-core CPU container. GPTQ defaults: {defaults}. g128 on 576-wide inputs: pad_groups "
+           "(last group of 64). Loss ratio = GPTQ / RTN layer loss sum_j (w-q)^T H (w-q)/2 over the 210 kernels. "
+           "Bold: GPTQ worse than RTN.", "",
+           f"float32 perplexity: Wikipedia {fl['wikipedia']:.3f}, Shakespeare {fl['shakespeare']:.3f}", "",
+           "| setting | RTN wiki | GPTQ wiki | RTN shakespeare | GPTQ shakespeare | bits/w | loss ratio | GPTQ s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  grid = []
+  for bits, gran, sym in itertools.product((4, 3), ("g128", "channel"), (True, False)):
+    s = setting_name(bits, gran, sym)
+    r, g = runs.get(f"RTN {s}"), runs.get(f"GPTQ {s}")
+    if r is None or g is None:
+      continue
+    grid.append((s, r, g))
+    cell = lambda c: f"**{g[c]:.2f}**" if g[c] > r[c] else f"{g[c]:.2f}"
+    lines.append(f"| {s} | {r['wikipedia']:.2f} | {cell('wikipedia')} | {r['shakespeare']:.2f} | "
+                 f"{cell('shakespeare')} | {r['bits']:.3f} | {g.get('loss_ratio', float('nan')):.3f} | "
+                 f"{g['quant_s']:.0f} |")
+  study = [(n, v) for n, v in runs.items() if n.startswith("GPTQ ") and len(n.split()) > 4]
+  if study:
+    lines += ["", "Variants (keyword arguments on top of the defaults, see `VARIANTS` in the script):", "",
+              "| run | wiki | shakespeare | loss ratio | s |", "|---|---:|---:|---:|---:|"]
+    for n, v in study:
+      lines.append(f"| {n} | {v['wikipedia']:.2f} | {v['shakespeare']:.2f} | {v.get('loss_ratio', float('nan')):.3f} "
+                   f"| {v['quant_s']:.0f} |")
   with open(out + ".md", "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -203,19 +184,17 @@ def write_report(cache, out, cpus):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
+  if not grid:
+    return
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for ax, bits in zip(axes, (4, 3)):
-    ks = [k for k in keys if k[0] == bits]
-    if not ks:
-      continue
-    x = np.arange(len(ks))
-    for off, idx, label in ((-0.27, 3, "RTN"), (0.0, 4, "GPTQ"), (0.27, 5, "GPTQ act-order")):
-      vals = [k[idx]["ppl"] if k[idx] is not None else np.nan for k in ks]
-      ax.bar(x + off, vals, 0.27, label=label)
-    ax.axhline(fl, color="k", lw=1, ls="--", label="float32")
+  x = np.arange(len(grid))
+  for ax, corpus in zip(axes, CORPORA):
+    ax.bar(x - 0.2, [r[corpus] for _, r, _ in grid], 0.4, label="RTN")
+    ax.bar(x + 0.2, [g[corpus] for _, _, g in grid], 0.4, label="GPTQ (defaults)")
+    ax.axhline(fl[corpus], color="k", lw=1, ls="--", label="float32")
     ax.set_yscale("log")
-    ax.set_xticks(x, [f"{k[1]}\n{'sym' if k[2] else 'asym'}" for k in ks])
-    ax.set_title(f"W{bits}: Wikipedia perplexity (log scale)")
+    ax.set_xticks(x, [s.replace(" ", "\n", 1) for s, _, _ in grid], fontsize=8)
+    ax.set_title(f"{corpus.capitalize()} perplexity (log scale)")
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out + ".png", dpi=110)

@@ -19,6 +19,7 @@ from jquant import capture, data, eval, graph, models  # noqa: A004  (jquant.eva
 from jquant import dataflow, folds  # noqa: E402  (folds as data, shared by AWQ and SmoothQuant)
 from jquant import awq, gptq, observers, qat, smoothquant
 from jquant import gguf  # noqa: E402  (GGUF grids, export and packed import)
+from jquant import mixed  # noqa: E402  (mixed precision per weight under a size budget)
 from jquant.calibrate import calibrate, convert
 from jquant import export  # noqa: E402  (registers jquant's pytrees for jax.export serialization)
 
@@ -30,5 +31,5 @@ __all__ = [
     "QuantSpec", "Rule", "QArray", "quantize", "dequantize", "fake_quant", "quantize_values",
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
     "Footprint", "is_qarray", "save", "load", "quantized", "packing", "ops", "utils", "capture", "data", "eval", "graph", "models",
-    "dataflow", "folds", "awq", "gptq", "gguf", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
+    "dataflow", "folds", "awq", "gptq", "gguf", "mixed", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
 ]

@@ -59,7 +59,8 @@ from jquant import observers as obs_lib
 from jquant.ops import W8A8Weight, static_activation_scale
 from jquant.qarray import quantize
 from jquant.spec import QuantSpec, Rule, first_match
-from jquant.utils import path_str
+from jquant.tokens import check_calibration_tokens
+from jquant.utils import check_finite, path_str
 
 ACTIVATIONS = ("static", "dynamic")
 
@@ -284,7 +285,11 @@ def calibrate(model, params, calib, rules: Sequence[Rule], *, observer=None, bat
   Raises:
     ValueError: empty calibration data, windows longer than the context,
       rules that select no matmul weight (the message lists the weights
-      found), a bad ``batch_size`` / ``skip_positions``.
+      found), a bad ``batch_size`` / ``skip_positions``; parameters holding
+      NaN or inf (naming every such leaf, checked up front); observed
+      activations holding NaN or inf (counted on device inside the compiled
+      steps, then raised naming every layer whose input held them, in model
+      order); token ids outside the model's vocabulary (jquant's models).
     jquant.graph.GraphError: ``blocks`` matches nothing, or the blocks do not
       run one after the other.
 
@@ -295,6 +300,10 @@ def calibrate(model, params, calib, rules: Sequence[Rule], *, observer=None, bat
   """
   rules = _check_rules(rules, "calibrate")
   apply, params = _model_params(model, params, "calibrate")
+  check_finite(params, "calibrate", "params", "Fix these weights before calibrating.")
+  check_calibration_tokens(model, calib, fn="calibrate")
+  check_finite({"calib": calib}, "calibrate", "the calibration inputs",
+               "Clean the calibration data; every example must be finite.")
   data = graph.batches(calib, batch_size, fn="calibrate")
   for leaf in jax.tree_util.tree_leaves(data[0]):
     _check_context(model, leaf, "calibrate")
@@ -322,11 +331,39 @@ def calibrate(model, params, calib, rules: Sequence[Rule], *, observer=None, bat
       raise
     whole = True
   if whole:
-    states, axes = _calibrate_whole(apply, params, data, rules, observer, observed, progress)
+    states, axes, bad = _calibrate_whole(apply, params, data, rules, observer, observed, progress)
   else:
-    states, axes = _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, progress)
+    states, axes, bad = _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, progress)
+  _raise_nonfinite(bad)
   return ActivationStats(observer, {_norm(k): v for k, v in states.items()},
                          {_norm(k): v for k, v in axes.items()})
+
+
+def _observe(observer, observed):
+  """``(state, non-finite count), path, x -> (updated state, count)``: observes ``x`` and counts its NaN/inf on device.
+
+  Observers drop or zero non-finite values (`MinMaxObserver.amax` maps them to 0), so the count is what
+  lets `calibrate` refuse them instead of calibrating a silently wrong scale.
+  """
+
+  def update(entry, path, x):
+    state, bad = entry
+    x = observed(path, x)
+    n = jnp.sum(~jnp.isfinite(x)).astype(jnp.int32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32(0)
+    return observer.update(state, x), bad + n
+
+  return update
+
+
+def _raise_nonfinite(bad: dict):
+  """Raises naming every observed input that held NaN or inf (``bad``: {path: count}), in model order."""
+  found = [(p, int(n)) for p, n in bad.items() if int(n)]
+  if found:
+    where = ", ".join(f"{p} ({n} value{'s' if n > 1 else ''})" for p, n in found[:8])
+    more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+    raise ValueError(f"calibrate: the calibration activations hold non-finite values (NaN or inf) at the inputs of "
+                     f"{where}{more}; allowed: finite values only. The first layer listed is where they start: check "
+                     "the calibration data, the weights before it and float16/bfloat16 overflow.")
 
 
 def _no_selection(rules, found: dict):
@@ -343,11 +380,13 @@ def _signature(batch):
 def _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, progress):
   """Piece by piece; one traced program per distinct batch shape (a shorter last batch gets its own)."""
 
+  update = _observe(observer, observed)
+
   def reduce(outs, inputs, st):
-    return outs, {r: observer.update(s, observed(r, inputs[r])) for r, s in st.items()}
+    return outs, {r: update(e, r, inputs[r]) for r, e in st.items()}
 
   programs: dict = {}
-  states, axes, found = {}, {}, {}
+  states, axes, found, bad = {}, {}, {}, {}
   bar = None
   for batch in data:
     sig = _signature(batch)
@@ -382,6 +421,7 @@ def _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, pr
             axes[path] = tuple(ax)
             if path not in states:
               states[path] = observer.init((_weight_k(flat[path], ax),))
+              bad[path] = jnp.int32(0)
         entry["plan"].append(sel)
         if i == len(segs) - 1 and not states:
           bar.close()
@@ -392,14 +432,14 @@ def _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, pr
         continue
       run = prog.jitted(seg, reduce, record=True)
       outs, new = run(prog.block_params(flat, seg), graph.state_list(seg, state),
-                      {rel: states[p] for rel, p in sel.items()})
+                      {rel: (states[p], bad[p]) for rel, p in sel.items()})
       for rel, p in sel.items():
-        states[p] = new[rel]
+        states[p], bad[p] = new[rel]
       state = graph.updated(seg, state, outs)
       state = {k: v for k, v in state.items() if k in entry["needed"][i]}
       bar.update(1)
   bar.close()
-  return states, axes
+  return states, axes, bad
 
 
 def _calibrate_whole(apply, params, data, rules, observer, observed, progress):
@@ -412,16 +452,17 @@ def _calibrate_whole(apply, params, data, rules, observer, observed, progress):
   axes = {k: v for k, v in found.items() if _selected(rules, k)}
   if not axes:
     raise _no_selection(rules, found)
-  states = {k: observer.init((_weight_k(flat[k], ax),)) for k, ax in axes.items()}
+  entries = {k: (observer.init((_weight_k(flat[k], ax),)), jnp.int32(0)) for k, ax in axes.items()}
+  update = _observe(observer, observed)
 
   @jax.jit
   def step(p, st, *inputs):
     c = capture.capture(apply, p, *inputs)
-    return {k: observer.update(s, observed(k, c.inputs[k])) for k, s in st.items()}
+    return {k: update(e, k, c.inputs[k]) for k, e in st.items()}
 
   for batch in tqdm(data, desc="calibrate", unit="batch", disable=not progress):
-    states = step(params, states, *batch)
-  return states, axes
+    entries = step(params, entries, *batch)
+  return {k: e[0] for k, e in entries.items()}, axes, {k: e[1] for k, e in entries.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -477,7 +518,8 @@ def convert(params, stats: Optional[ActivationStats], rules: Sequence[Rule], *,
 
   Raises:
     ValueError: a static layer has no statistics, a spec is not int8, an N-D
-      kernel has no known contraction axes, or the rules select nothing.
+      kernel has no known contraction axes, or the rules select nothing;
+      a selected weight or a statistic holding NaN or inf (naming its path).
 
   Example:
     >>> qparams = convert(params, stats, rules)
@@ -488,6 +530,8 @@ def convert(params, stats: Optional[ActivationStats], rules: Sequence[Rule], *,
     raise TypeError(f"convert: stats must be jquant.calibrate.ActivationStats or None, got "
                     f"{type(stats).__name__}.")
   amax = stats.amax() if stats is not None else {}
+  check_finite(amax, "convert", "the activation statistics (stats.amax())",
+               "Calibrate on finite data (jquant.calibrate refuses NaN/inf activations).")
   known = dict(stats.axes) if stats is not None else {}
   known.update({str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()})
   n_done = [0]

@@ -24,13 +24,16 @@ import numpy as np
 from jquant.capture import capture_inputs
 from jquant.ops import qdot
 from jquant.qarray import QArray
+from jquant.tokens import check_token_ids, vocab_size
 
 
-def _check_windows(windows, name="windows"):
+def _check_windows(windows, model, fn: str, name="windows"):
+  """Integer windows (n >= 1, length >= 2) with ids inside the model's vocabulary (where its config has one)."""
   w = np.asarray(windows)
   if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
-    raise ValueError(f"{name} must be an integer array (n >= 1, length >= 2); got shape {w.shape}, "
+    raise ValueError(f"{fn}: {name} must be an integer array (n >= 1, length >= 2); got shape {w.shape}, "
                      f"dtype {w.dtype}.")
+  check_token_ids(w, vocab_size(model), fn=fn, name=name)
   return w.astype(np.int32)
 
 
@@ -77,8 +80,15 @@ def perplexity(model, params, windows, batch_size: int = 8, *, progress: bool = 
 
   Returns:
     ``(ppl, n_tokens)`` with ``n_tokens = n * (length - 1)`` predicted tokens.
+
+  Raises:
+    ValueError: windows that are not an integer (n >= 1, length >= 2) array,
+      or ids outside ``[0, model.config.vocab_size)`` (the message names the
+      first bad id and its index), checked before anything is jitted; a bad
+      ``batch_size``. The same holds for `per_position_nll`,
+      `per_position_error` and `layer_error_report`.
   """
-  w = _check_windows(windows)
+  w = _check_windows(windows, model, "eval.perplexity")
   _check_batch(batch_size)
   batch_size = min(batch_size, len(w))
 
@@ -98,8 +108,9 @@ def per_position_nll(model, params, windows, batch_size: int = 8, *, progress: b
 
   Early positions have little context, so their loss is high; comparing curves
   of float and quantized params shows where in the window damage concentrates.
+  Windows are checked as in `perplexity` (integer ids inside the vocabulary).
   """
-  w = _check_windows(windows)
+  w = _check_windows(windows, model, "eval.per_position_nll")
   _check_batch(batch_size)
   batch_size = min(batch_size, len(w))
   f = jax.jit(lambda p, t: _token_nll(model.apply(p, t), t))
@@ -115,9 +126,10 @@ def per_position_error(model, float_params, quant_params, windows, batch_size: i
 
   ``||logits_q - logits_f|| / ||logits_f||`` over vocabulary and windows, for
   each position. Position 0 is usually an outlier: it is the attention sink,
-  whose activations are the largest in the model.
+  whose activations are the largest in the model. Windows are checked as in
+  `perplexity` (integer ids inside the vocabulary).
   """
-  w = _check_windows(windows)
+  w = _check_windows(windows, model, "eval.per_position_error")
   _check_batch(batch_size)
   batch_size = min(batch_size, len(w))
 
@@ -238,8 +250,11 @@ def layer_error_report(model, float_params, quant_params, windows, batch_size: i
 
   Returns:
     A `LayerErrorReport` (print it for a table).
+
+  Raises:
+    ValueError: bad windows (see `perplexity`) or ``batch_size``.
   """
-  w = _check_windows(windows)
+  w = _check_windows(windows, model, "eval.layer_error_report")
   _check_batch(batch_size)
   batch_size = min(batch_size, len(w))
   paths = []

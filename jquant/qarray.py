@@ -45,6 +45,8 @@ class QArray:
       symmetric specs below 8 bits are stored offset by ``2^(bits-1)``.
     scale: Float scales; the logical shape with the contraction axis replaced
       by the number of groups (1 for per-channel; all ones for per-tensor).
+      Symmetric scales carry the sign of the group's largest-magnitude value
+      under the default ``symmetric_scale="signed"`` (see `jquant.QuantSpec`).
       Two-level specs (``spec.scale_bits``): the group scale *codes*, stored
       unsigned (offset by ``2^(scale_bits-1)`` when signed) and packed
       densely at ``scale_bits`` along ``axis``.
@@ -196,10 +198,11 @@ class QArray:
     payload = _pack_codes(codes, spec, axis)
     zp = None
     if spec.float_min:
-      zp = jnp.asarray(zero_point).astype(spec.jnp_scale_dtype)
+      zp = _as_stored(jnp.asarray(zero_point, jnp.float32), spec).astype(spec.jnp_scale_dtype)
     elif not spec.symmetric:
       zp = jnp.clip(jnp.round(jnp.asarray(zero_point)), 0, spec.qmax).astype(jnp.uint8)
-    return cls(payload, jnp.asarray(scale).astype(spec.jnp_scale_dtype), zp, spec,
+    scale = _as_stored(jnp.asarray(scale, jnp.float32), spec).astype(spec.jnp_scale_dtype)
+    return cls(payload, scale, zp, spec,
                int(codes.shape[axis]), axis - codes.ndim, np.dtype(dtype), axis_shape)
 
   @classmethod
@@ -392,18 +395,20 @@ def _ungroup(g, size: int, rest, axis: int, spec: QuantSpec):
 
 def _range_to_scale_zero(lo, hi, spec: QuantSpec, guard: bool = True):
   """Scale and zero point (or float min) of the range [lo, hi]; ``guard``: a zero range gets scale 1
-  (two-level specs keep 0 there, so that it cannot dominate its super-group)."""
-  if spec.symmetric and spec.full_range:  # the largest magnitude -> qmin; the scale carries its sign
+  (two-level specs keep 0 there, so that it cannot dominate its super-group). Finite for every finite
+  range, ``[-3e38, 3e38]`` included."""
+  if spec.symmetric and spec.symmetric_scale == "signed":  # the largest magnitude -> qmin; signed scale
     extreme = jnp.where(jnp.abs(hi) >= jnp.abs(lo), hi, lo)
     scale = extreme / spec.qmin
     return jnp.where(jnp.abs(scale) > _TINY, scale, 1.0 if guard else 0.0), None
-  if spec.symmetric:
+  if spec.symmetric:  # "max": amax / (2^(b-1) - 1); "half": amax / (2^(b-1) - 1/2)
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    scale = amax / spec.qmax
+    scale = amax / (spec.qmax if spec.symmetric_scale == "max" else spec.scale_divisor)
     scale = jnp.where(scale > _TINY, scale, 1.0 if guard else 0.0)
     return scale, None
   lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # zero stays exactly representable
-  scale = (hi - lo) / spec.qmax
+  span = hi - lo  # overflows only beyond float32's range: then the two ends are divided first
+  scale = jnp.where(jnp.isfinite(span), span / spec.qmax, hi / spec.qmax - lo / spec.qmax)
   if spec.float_min:  # x = scale * q - min: the range's lower end is -min
     return jnp.where(scale > _TINY, scale, 1.0 if guard else 0.0), -lo
   scale = jnp.where(scale > _TINY, scale, 1.0)
@@ -414,9 +419,13 @@ def _range_to_scale_zero(lo, hi, spec: QuantSpec, guard: bool = True):
 def _quantize_with(g, scale, zero, spec: QuantSpec, key=None):
   if spec.float_min or spec.two_level:
     safe = jnp.where(scale == 0, 1.0, scale)  # a zero (two-level) scale: codes 0
-    v = (g + zero) / safe if spec.float_min else g / safe
+    if spec.float_min:  # GGML's (x + min) / d, or, where x + min overflows, x / d + min / d
+      shifted = g + zero
+      v = jnp.where(jnp.isfinite(shifted), _divide(shifted, safe), _divide(g, safe) + _divide(zero, safe))
+    else:
+      v = _divide(g, safe)
   else:
-    v = g / scale
+    v = _divide(g, scale)
   if spec.rounding == "stochastic":
     if key is None:
       raise ValueError("quantize: rounding='stochastic' needs key=jax.random.key(...), got key=None.")
@@ -430,12 +439,43 @@ def _quantize_with(g, scale, zero, spec: QuantSpec, key=None):
   return jnp.clip(v, spec.qmin, spec.qmax)
 
 
+_HUGE = 2.0**64  # scales above this are divided through by it first (1 / scale would be subnormal)
+
+
+def _divide(x, scale):
+  """``x / scale``. XLA compiles a division by a broadcast array into a multiplication by its reciprocal,
+  which flushes to zero for ``|scale| > 2^126`` (ranges near float32's largest value): such scales and
+  their values are first divided by 2^64, exactly."""
+  big = jnp.abs(scale) > _HUGE
+  return jnp.where(big, x * (1 / _HUGE), x) / jnp.where(big, scale * (1 / _HUGE), scale)
+
+
 def _dequantize_with(c, scale, zero, float_min: bool = False):
+  """Float32 values of codes ``c``, saturated to float32's finite range (a code half a step beyond a
+  range ending near float32's largest value would otherwise become inf)."""
   if float_min:
     # GGML's ``d * q - m`` rounds the product before subtracting: keep XLA from fusing an FMA.
     prod, m = jax.lax.optimization_barrier((c * scale, zero))
-    return prod - m
-  return (c - zero) * scale if zero is not None else c * scale
+    # Where d * q alone overflows (a range spanning more than float32's largest value), halve both terms.
+    out = jnp.where(jnp.isfinite(prod), prod - m, (c * (scale * 0.5) - m * 0.5) * 2.0)
+  else:
+    out = (c - zero) * scale if zero is not None else c * scale
+  return saturate(out, jnp.float32)
+
+
+def saturate(x, dtype):
+  """``x`` clipped to the finite range of float ``dtype`` (still in ``x``'s dtype; NaN stays NaN).
+
+  Quantized values are cast to their output dtype after this, so that a value
+  half a step beyond ``dtype``'s largest finite number lands on it instead of
+  becoming inf: the error only shrinks, as every finite input lies inside.
+
+  Example:
+    >>> saturate(jnp.array([-7e4, 1.0]), jnp.float16).astype(jnp.float16).tolist()
+    [-65504.0, 1.0]
+  """
+  info = jnp.finfo(dtype)
+  return jnp.clip(x, jnp.asarray(info.min, x.dtype), jnp.asarray(info.max, x.dtype))
 
 
 def dequantize_values(codes, scale, zero_point, spec: QuantSpec):
@@ -450,10 +490,10 @@ def dequantize_values(codes, scale, zero_point, spec: QuantSpec):
     >>> c, s, z = jquant.quantize_values(w, spec)
     >>> w_hat = dequantize_values(c, expand(s), expand(z), spec)
   """
-  s = jnp.asarray(scale).astype(spec.jnp_scale_dtype).astype(jnp.float32)
+  s = _as_stored(jnp.asarray(scale, jnp.float32), spec)
   z = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.float32)
   if z is not None and spec.float_min:
-    z = z.astype(spec.jnp_scale_dtype).astype(jnp.float32)
+    z = _as_stored(z, spec)
   return _dequantize_with(jnp.asarray(codes).astype(jnp.float32), s, z, spec.float_min)
 
 
@@ -461,10 +501,16 @@ def _mse_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True):
   """Per group, the range shrink with the least sum |x - q(x)|^p (GPTQ's grid)."""
   shrinks = 1.0 - spec.mse_max_shrink * jnp.arange(spec.mse_grid, dtype=jnp.float32) / spec.mse_grid
 
+  # Errors of groups far from 1 in magnitude are measured in units of a power of two near their largest
+  # value (exact, and the same for every candidate of a group): |e|^p neither overflows nor underflows.
+  amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  unit = jnp.where((amax > 2.0**20) | ((amax < 2.0**-20) & (amax > 0)),
+                   jnp.exp2(jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0)))), 1.0)
+
   def err_for(p):
     scale, zero = _range_to_scale_zero(lo * p, hi * p, spec)
     deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero, spec.float_min)
-    return jnp.sum(jnp.abs(deq - g) ** spec.mse_norm, axis=1, keepdims=True)
+    return jnp.sum((jnp.abs(deq - g) / unit) ** spec.mse_norm, axis=1, keepdims=True)
 
   best_p = grid_search(err_for, shrinks, lo.shape)
   return _range_to_scale_zero(lo * best_p, hi * best_p, spec, guard)
@@ -531,8 +577,10 @@ def compute_scale_zero(x, spec: QuantSpec):
     flattened contraction axes) replaced by the group count (all ones for
     per-tensor). ``zero_point`` is None for symmetric specs and a float array
     of integers otherwise (float mins ``-lo`` for ``offset="min"``). Scales
-    are float32 here; `QArray` stores them in ``spec.scale_dtype``. Two-level
-    specs: the effective ``d * sc`` (and ``dmin * m``), already on the grid.
+    are float32 here (negative where ``symmetric_scale="signed"`` maps a
+    positive largest value to ``qmin``), finite for every finite input;
+    `QArray` stores them in ``spec.scale_dtype``. Two-level specs: the
+    effective ``d * sc`` (and ``dmin * m``), already on the grid.
   """
   x = _check_input(x, spec, "compute_scale_zero")
   x, spec, _ = merge_contraction(x, spec)
@@ -586,11 +634,18 @@ def quantize_values(x, spec: QuantSpec, *, key=None, scale=None, zero_point=None
 
 def _stored_value(a, spec: QuantSpec, what: str):
   """``a`` rounded to the dtype it is stored in, as float32; float16 overflow raises (eagerly)."""
-  a = jnp.asarray(a).astype(spec.jnp_scale_dtype).astype(jnp.float32)
-  if spec.jnp_scale_dtype == jnp.float16 and not isinstance(a, jax.core.Tracer) and not bool(jnp.isfinite(a).all()):
+  a = jnp.asarray(a).astype(jnp.float32)
+  dt = spec.jnp_scale_dtype
+  if dt == jnp.float16 and not isinstance(a, jax.core.Tracer) and not bool(jnp.isfinite(a.astype(dt)).all()):
     raise ValueError(f"quantize: a group {what} overflows float16 (|value| > 65504); allowed: weights whose "
                      "group ranges fit float16 scales. Rescale the weights or use scale_dtype='float32'.")
-  return a
+  return _as_stored(a, spec)
+
+
+def _as_stored(a, spec: QuantSpec):
+  """Float32 ``a`` rounded to ``spec.jnp_scale_dtype`` (saturating: bfloat16 rounds float32's largest
+  values up to inf), back in float32."""
+  return saturate(a, spec.jnp_scale_dtype).astype(spec.jnp_scale_dtype).astype(jnp.float32)
 
 
 def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
@@ -619,7 +674,8 @@ def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:
-  """The float array a `QArray` stands for (``q.dtype`` unless ``dtype``)."""
+  """The float array a `QArray` stands for (``q.dtype`` unless ``dtype``), saturated to that dtype's finite
+  range (a value half a step beyond float16's 65504 becomes 65504, not inf)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize: expected a jquant.QArray, got {type(q).__name__}.")
   c = q.codes().astype(jnp.float32).reshape(q.qvalue.shape[:q.axis % q.qvalue.ndim] + (q.size,) +
@@ -628,7 +684,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   scale, zero = q.group_params()
   s = expand_to_groups(scale, spec, q.size)
   z = None if zero is None else expand_to_groups(zero, spec, q.size)
-  out = _dequantize_with(c, s, z, spec.float_min).astype(dtype or q.dtype).reshape(q.shape)
+  dtype = dtype or q.dtype
+  out = saturate(_dequantize_with(c, s, z, spec.float_min), dtype).astype(dtype).reshape(q.shape)
   if not spec.standard_layout:
     # GGUF grids: materialize the weights as an input would be, so that a consumer (a transposed
     # product) computes exactly what it computes on the float weights of the dequantized path.
@@ -671,12 +728,14 @@ def fake_quant(x, spec: QuantSpec, *, key=None) -> jax.Array:
   s = expand_to_groups(scale.astype(jnp.float32), spec, x.shape[axis])
   z = None if zero is None else expand_to_groups(zero.astype(jnp.float32), spec, x.shape[axis])
   if spec.float_min:
-    z = z.astype(spec.jnp_scale_dtype).astype(jnp.float32)
-  fq = _dequantize_with(codes.astype(jnp.float32), s, z, spec.float_min)
+    z = _as_stored(z, spec)
+  fq = saturate(_dequantize_with(codes.astype(jnp.float32), s, z, spec.float_min), x.dtype)
   # Inside the range means: the unclipped code would lie within [qmin, qmax].
   if spec.float_min:
-    raw = (x.astype(jnp.float32) + z) / jnp.where(s == 0, 1.0, s)
+    xf, safe = x.astype(jnp.float32), jnp.where(s == 0, 1.0, s)
+    shifted = xf + z
+    raw = jnp.where(jnp.isfinite(shifted), _divide(shifted, safe), _divide(xf, safe) + _divide(z, safe))
   else:
-    raw = x.astype(jnp.float32) / s + (0.0 if z is None else z)
+    raw = _divide(x.astype(jnp.float32), s) + (0.0 if z is None else z)
   mask = ((raw >= spec.qmin - 0.5) & (raw <= spec.qmax + 0.5)).astype(x.dtype)
   return _ste(x, fq.astype(x.dtype), jax.lax.stop_gradient(mask)).reshape(logical_shape)

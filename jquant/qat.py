@@ -77,9 +77,10 @@ from jquant.ops import W8A8Weight, int8_matmul, qdot
 from jquant.qarray import QArray, compute_scale_zero, expand_to_groups, merge_contraction
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import is_qarray
-from jquant.utils import path_str
+from jquant.utils import check_finite, path_str
 
 _MIN_SCALE = 1e-8  # learned scales are kept above this after every update
+_FIX_WEIGHTS = "Fix these weights, or keep them in float (a rule with spec None before the others)."
 
 __all__ = [
     "Quantizer", "QATState", "TrainState", "ActFakeQuant", "ActQuantWeight", "init", "fake_quantize",
@@ -212,7 +213,9 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
     A `QATState`.
 
   Raises:
-    ValueError: if no leaf is selected, or a spec cannot be trained.
+    ValueError: if no leaf is selected, or a spec cannot be trained; a
+      selected weight, or an ``init_from`` QArray's scale / zero point,
+      holding NaN or inf (the message names the leaf path).
 
   Example:
     >>> state = qat.init(params, [jquant.Rule(r"kernel$", jquant.QuantSpec(bits=4, granularity="group",
@@ -242,12 +245,11 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
     if found is not None:
       spec = spec.replace(axis=tuple(found) if len(found) > 1 else found[0])
     _check_act(path, leaf, spec, act_bits, found is not None or leaf.ndim == 2)
+    check_finite({path: leaf}, "qat.init", "the selected weights", _FIX_WEIGHTS)
     if path in given:
       scale, zero = _from_qarray(given[path], spec, leaf, path)
     else:
       try:
-        if not bool(jnp.isfinite(leaf).all()):
-          raise ValueError("the weight holds non-finite values; allowed: finite values only.")
         scale, zero = _rtn_scale_zero(leaf, spec)
       except (ValueError, TypeError) as e:
         raise type(e)(f"qat.init: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
@@ -272,6 +274,8 @@ def _from_qarray(q: QArray, spec: QuantSpec, leaf, path: str):
     raise ValueError(f"qat.init: init_from QArray at {path!r} does not match the rule's spec/shape "
                      f"({', '.join(diff) or f'shape {q.shape} vs {tuple(leaf.shape)}'}).")
   zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
+  check_finite({f"{path}/scale": q.scale, f"{path}/zero_point": zero}, "qat.init", "init_from's QArrays",
+               "Start from a finite post-training result.")
   return q.scale.astype(jnp.float32), zero
 
 
@@ -505,6 +509,27 @@ class ActQuantWeight:
     return qdot(fake_quant_activations(x, self.bits), self.weight)
 
 
+def _quantizer_arrays(state: QATState) -> dict:
+  """``{"<path>/scale": ..., "<path>/zero_point": ...}``: the quantizers' arrays under readable paths."""
+  out = {}
+  for p, qz in state.quantizers.items():
+    out[f"{p}/scale"] = qz.scale
+    if qz.zero_point is not None:
+      out[f"{p}/zero_point"] = qz.zero_point
+  return out
+
+
+def _check_trained(params, state: QATState, fn: str, step: Optional[int] = None):
+  """Raises naming every selected latent weight and learned scale / zero point holding NaN or inf."""
+  selected = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
+              if path_str(kp) in state.quantizers}
+  at = "" if step is None else f" at step {step}"
+  advice = ("Training diverged" + at + ": restore an earlier checkpoint (qat.load_train_state) or lower the "
+            "learning rates.")
+  check_finite(selected, fn, "the latent weights" + at, advice)
+  check_finite(_quantizer_arrays(state), fn, "the learned quantizer parameters" + at, advice)
+
+
 def _map_selected(fn, params, state: QATState, name: str):
   """Applies ``fn(leaf, quantizer)`` to the selected leaves of ``params``."""
   if not isinstance(state, QATState):
@@ -584,10 +609,18 @@ def convert(params, state: QATState):
   (8-bit activations over a symmetric int8 per-channel weight: int8 x int8
   matmul) or `ActQuantWeight` otherwise.
 
+  Raises:
+    ValueError: a selected latent weight, or a learned scale / zero point,
+      holding NaN or inf (the message names the leaf path); params that do
+      not hold the state's leaves.
+
   Example:
     >>> packed = qat.convert(params, state)
     >>> logits = model.apply(packed, tokens)     # same logits as training's forward, to float rounding
   """
+
+  if isinstance(state, QATState):
+    _check_trained(params, state, "qat.convert")
 
   def conv(leaf, qz: Quantizer):
     spec = qz.spec
@@ -643,11 +676,13 @@ def optimizer(weights: optax.GradientTransformation, scales: Optional[optax.Grad
 
 
 def _project(state: QATState) -> QATState:
-  """Keeps learned scales positive and zero points on the code range."""
+  """Keeps learned scales away from zero (with their sign: symmetric_scale="signed" scales may be negative)
+  and zero points on the code range."""
   out = {}
   for p, qz in state.quantizers.items():
     zero = None if qz.zero_point is None else jnp.clip(qz.zero_point, 0.0, float(qz.spec.qmax))
-    out[p] = dataclasses.replace(qz, scale=jnp.maximum(qz.scale, _MIN_SCALE), zero_point=zero)
+    scale = jnp.where(qz.scale < 0, jnp.minimum(qz.scale, -_MIN_SCALE), jnp.maximum(qz.scale, _MIN_SCALE))
+    out[p] = dataclasses.replace(qz, scale=scale, zero_point=zero)
   return QATState(out)
 
 
@@ -679,6 +714,11 @@ def make_train_step(loss_fn: Callable, opt: optax.GradientTransformation, *, has
       ``(train_state, (loss, aux))``.
     donate: Donate the incoming train state's buffers (halves peak memory;
       the old state must not be used afterwards).
+
+  The compiled step cannot raise on non-finite values (nothing is read back
+  to the host); a NaN loss or weight is only seen where the loss is fetched:
+  `train` checks every fetched loss and raises naming the step and the
+  non-finite leaves. In a loop of your own, check ``jnp.isfinite(loss)``.
 
   Example:
     >>> step = qat.make_train_step(lambda p, b: model_loss(p, b), qat.optimizer(optax.adam(1e-4)))
@@ -734,6 +774,12 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
 
   Returns:
     ``(train_state, TrainLog)``.
+
+  Raises:
+    ValueError: the loss became NaN or inf: raised when the losses are
+      fetched (every ``log_every`` steps), naming the first non-finite step
+      and the latent weights / learned scales that hold NaN or inf. The
+      compiled step itself cannot raise (see `make_train_step`).
   """
   from tqdm.auto import tqdm
 
@@ -746,15 +792,24 @@ def train(step: Callable, ts: TrainState, batches: Iterable, *, num_steps: int, 
   t0 = time.perf_counter()
 
   def flush():
+    bad = None
     for i, l in pending:
       v = float(l)
       steps.append(i)
       losses.append(v)
+      if bad is None and not math.isfinite(v):
+        bad = (i, v)
       if log_f:
         log_f.write(f"{i}\t{v:.6f}\n")
     pending.clear()
     if log_f:
       log_f.flush()
+    if bad is not None:
+      _check_trained(ts.params, ts.qat, "qat.train", bad[0])  # names the leaves when they went non-finite
+      raise ValueError(f"qat.train: the loss is {bad[1]} at step {bad[0]} (non-finite); the weights and scales are "
+                       "still finite, so the loss itself overflowed or the batch holds NaN/inf. Check the data "
+                       "and the loss; restore an earlier checkpoint (qat.load_train_state) or lower the learning "
+                       "rates.")
 
   def checkpoint(n):
     save_train_state(os.path.join(checkpoint_dir, f"step_{n}"), ts)

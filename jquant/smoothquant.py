@@ -43,17 +43,21 @@ from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jquant import dataflow, folds as folds_lib, graph, ops
 from jquant.calibrate import W8A8Spec
 from jquant.qarray import quantize, to_matrix
 from jquant.spec import QuantSpec
-from jquant.utils import path_str
+from jquant.tokens import check_calibration_tokens
+from jquant.utils import check_finite, path_str
 
 S_MIN, S_MAX = 1e-5, 1e5  # keeps dead channels (max 0) finite
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # a grid up to 1.0 scored better per layer, worse end to end
 ACTIVATIONS = ("static", "dynamic")
+_STATS_ADVICE = ("Calibrate on finite data (check the calibration windows and float16/bfloat16 overflow) and "
+                 "fix any non-finite weight.")
 WEIGHT_SPEC = W8A8Spec().weight_spec()  # the served W8A8 weights: symmetric int8, one scale per output channel
 
 
@@ -65,10 +69,16 @@ def smoothing_factors(x_absmax, w_absmax, alpha: float) -> jax.Array:
     w_absmax: ``(K,)`` per-input-row ``max|W|`` over the consumers' outputs.
     alpha: Migration strength in [0, 1].
 
+  Raises:
+    ValueError: concrete statistics holding NaN or inf (a NaN max would be
+      read as a dead channel and smoothed by 1 silently); traced ones (under
+      ``jax.jit``) cannot be checked.
+
   Example:
     >>> smoothing_factors(jnp.array([4.0, 1.0]), jnp.array([1.0, 1.0]), 0.5)
     Array([2., 1.], dtype=float32)
   """
+  check_finite({"x_absmax": x_absmax, "w_absmax": w_absmax}, "smoothing_factors", "statistics", _STATS_ADVICE)
   x = jnp.asarray(x_absmax, jnp.float32)
   w = jnp.asarray(w_absmax, jnp.float32)
   s = jnp.power(jnp.maximum(x, 1e-30), alpha) / jnp.power(jnp.maximum(w, 1e-30), 1.0 - alpha)
@@ -128,6 +138,14 @@ def fold_factors_inputs(fold: folds_lib.Fold, params: Mapping, act_absmax: Mappi
           fold.tie_stat(weight_absmax(fold, params), "max"))
 
 
+def _check_stats(act_absmax, fn: str):
+  if not isinstance(act_absmax, Mapping):
+    raise TypeError(f"{fn}: act_absmax must be a mapping {{kernel path: (K,) max|x|}}, got "
+                    f"{type(act_absmax).__name__}; use jquant.calibrate(..., observer="
+                    "observers.MinMaxObserver('channel')).amax().")
+  check_finite(dict(act_absmax), fn, "the activation statistics act_absmax", _STATS_ADVICE)
+
+
 def _alpha_for(alpha, name: str, fn: str) -> float:
   if isinstance(alpha, Mapping):
     if name in alpha:
@@ -165,11 +183,17 @@ def model_folds(model, params, calib, *, folds: Optional[Sequence[folds_lib.Fold
 
   Raises:
     jquant.folds.FoldError: a given fold changes the float model.
+    ValueError: parameters holding NaN or inf (naming every such leaf),
+      token ids outside the model's vocabulary (jquant's models).
   """
   apply, own = graph.as_apply(model)
   params = own if params is None else params
   if params is None:
     raise ValueError("smoothquant: params is None and the model holds none; pass its parameters.")
+  check_finite(params, "smoothquant", "params", "Fix these weights before smoothing.")
+  check_calibration_tokens(model, calib, fn="smoothquant")
+  check_finite({"calib": calib}, "smoothquant", "the calibration inputs",
+               "Clean the calibration data; every example must be finite.")
   batch = graph.batches(calib, batch_size, fn="smoothquant")[0]
   if folds is None:
     folds = folds_lib.derive(apply, params, *batch, blocks=blocks, rtol=rtol).folds
@@ -208,11 +232,15 @@ def smooth(model, params, calib, act_absmax: Mapping[str, jax.Array], alpha: Uni
 
   Raises:
     jquant.folds.FoldError: a given fold changes the float model.
-    ValueError: missing or per-tensor statistics, alpha outside [0, 1].
+    ValueError: missing or per-tensor statistics, alpha outside [0, 1];
+      ``act_absmax`` or parameters holding NaN or inf (the message names
+      every such kernel path / leaf); token ids outside the model's
+      vocabulary (jquant's models).
 
   Example:
     >>> smoothed, s = smooth(model, params, calib, chan.amax(), alpha=0.5)
   """
+  _check_stats(act_absmax, "smooth")
   _, params, fs = model_folds(model, params, calib, folds=folds, blocks=blocks, batch_size=batch_size, rtol=rtol)
   fs = _selected(fs, sites, "smooth")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -281,7 +309,10 @@ def search_alpha(model, params, calib, act_absmax: Mapping[str, jax.Array], *,
     ``{fold name: best alpha}`` for `smooth`.
 
   Raises:
-    ValueError: bad ``activations``/``alphas``; jquant.graph.GraphError: no blocks.
+    ValueError: bad ``activations``/``alphas``; ``act_absmax``, parameters
+      or the recorded activations holding NaN or inf (naming the kernel
+      path, leaf or fold); out-of-range token ids (jquant's models).
+    jquant.graph.GraphError: no blocks.
   """
   if activations not in ACTIVATIONS:
     raise ValueError(f"search_alpha: activations={activations!r}; allowed: {ACTIVATIONS}.")
@@ -290,6 +321,7 @@ def search_alpha(model, params, calib, act_absmax: Mapping[str, jax.Array], *,
     raise ValueError(f"search_alpha: alphas={alphas!r}; allowed: a non-empty sequence of floats in [0, 1].")
   if weight_spec.bits != 8 or not weight_spec.symmetric or weight_spec.granularity == "group":
     raise ValueError(f"search_alpha: weight_spec={weight_spec}; allowed: symmetric 8-bit, per channel or tensor.")
+  _check_stats(act_absmax, "search_alpha")
   apply, params, fs = model_folds(model, params, calib, folds=folds, blocks=blocks, batch_size=batch_size, rtol=rtol)
   fs = _selected(fs, sites, "search_alpha")
   data = graph.batches(calib, batch_size, fn="search_alpha")
@@ -316,7 +348,12 @@ def search_alpha(model, params, calib, act_absmax: Mapping[str, jax.Array], *,
       states[i] = graph.updated(seg, states[i], outs)
       acc = errs if acc is None else [a + e for a, e in zip(acc, errs)]
     for (f, _), e in zip(mine, acc or []):
-      totals[f.name] = alphas[int(jnp.argmin(e))]
+      e = np.asarray(e, np.float64)
+      if not np.isfinite(e).any():  # argmin over NaN would pick alpha[0] silently
+        raise ValueError(f"search_alpha: the served W8A8 error of fold {f.name!r} (consumers {list(f.consumers)}) "
+                         f"is non-finite for every alpha: the activations recorded at its consumers hold NaN or "
+                         f"inf. {_STATS_ADVICE}")
+      totals[f.name] = alphas[int(np.argmin(np.where(np.isfinite(e), e, np.inf)))]
   return totals
 
 

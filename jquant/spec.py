@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Optional
 
@@ -24,6 +25,8 @@ ROUNDINGS = ("nearest", "stochastic")
 CLIPS = ("minmax", "mse")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 OFFSETS = ("zero_point", "min")
+SYMMETRIC_SCALES = ("signed", "max", "half")
+DEFAULT_SYMMETRIC_SCALE = "signed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +35,9 @@ class QuantSpec:
 
   Attributes:
     bits: Integer width, 2..8.
-    symmetric: Symmetric codes in [-2^(b-1), 2^(b-1)-1] with scale
-      ``amax / (2^(b-1)-1)``; otherwise unsigned codes in [0, 2^b-1] with an
-      integer zero point per group.
+    symmetric: Symmetric codes in [-2^(b-1), 2^(b-1)-1], ``x = scale * q``,
+      the scale (of either sign) chosen by ``symmetric_scale``; otherwise unsigned codes in
+      [0, 2^b-1] with an integer zero point per group.
     granularity: ``"tensor"`` (one scale), ``"channel"`` (one scale per slice
       along every non-contraction position) or ``"group"`` (one scale per
       ``group_size`` consecutive elements along the contraction axis).
@@ -76,11 +79,34 @@ class QuantSpec:
       Q5_K). None: one-level scales.
     dense_pack: Pack 5..7-bit codes densely (``bits`` bytes per 8 codes)
       rather than one per byte (2..4 and 8 bits are dense either way).
-    full_range: Symmetric specs: each group's largest-magnitude value maps
-      to ``qmin = -2^(b-1)``, the scale carrying its sign (``scale =
-      -x_max / 2^(b-1)``, llama.cpp's Q4_0/Q5_0/Q3_K/Q6_K quantizers), so all
-      ``2^b`` levels are used; default ``amax / (2^(b-1) - 1)``. Same grid,
-      another choice of scale.
+    symmetric_scale: How a symmetric spec picks each group's scale from
+      its (clipped) range; the grid, the storage and `dequantize` are the
+      same for all three, only the quantizer differs:
+
+      * ``"signed"`` (default): the group's largest-magnitude value
+        ``x_max`` maps to ``qmin = -2^(b-1)`` exactly and the scale carries
+        its sign (``scale = -x_max / 2^(b-1)``, negative for a positive
+        ``x_max``; llama.cpp's Q4_0/Q5_0/Q3_K/Q6_K quantizers): all ``2^b``
+        levels are used and the step is ``amax / 2^(b-1)``. Values of the
+        other sign beyond ``2^(b-1) - 1/2`` steps clip (by at most half a
+        step more). The best of the three on SmolLM2-135M RTN
+        (``experiments/results/sym_grid.md``: W4 g128 Wikipedia perplexity
+        32.8 vs 38.5 for ``"max"``, 34.0 for ``"half"``, 31.3 asymmetric).
+      * ``"max"``: ``scale = amax / (2^(b-1) - 1)``, positive; the code
+        ``-2^(b-1)`` is never used (jquant's rule before; GGUF's Q8_0 and
+        the int8 activation quantizers of `jquant.ops`).
+      * ``"half"``: ``scale = amax / (2^(b-1) - 1/2)``, positive (Qwix's
+        rule): ``+-amax`` land half a step beyond the codes ``+-(2^(b-1) - 1)``
+        (``-amax`` is a rounding tie to ``-2^(b-1)``), an implicit clip to
+        ``(2^(b-1) - 1) / (2^(b-1) - 1/2)`` of the range (14/15 at 4 bits).
+
+      Asymmetric specs ignore it (any value is replaced by the default, so
+      that they compare equal).
+    full_range: Constructor (and `replace`) keyword kept for existing code:
+      ``True`` is ``symmetric_scale="signed"``, ``False`` the rule it meant
+      before, ``"max"``. Read back as a property (``spec.full_range ==
+      (spec.symmetric_scale == "signed")``); not a stored field, so
+      checkpoints and equality see ``symmetric_scale`` only.
 
   Two-level specs exchange *effective* group scales ``d * sc`` (and mins
   ``dmin * m``) as float32 with the solvers (`jquant.compute_scale_zero`,
@@ -93,6 +119,8 @@ class QuantSpec:
     QuantSpec(bits=3, symmetric=False, granularity='group', group_size=64, ...)
     >>> q4_k = QuantSpec(bits=4, symmetric=False, offset="min", granularity="group", group_size=32,
     ...                  super_group_size=256, scale_bits=6, scale_dtype="float16")
+    >>> QuantSpec(bits=4, symmetric_scale="max").scale_divisor      # amax / 7 (jquant's old rule)
+    7.0
   """
 
   bits: int = 8
@@ -112,62 +140,90 @@ class QuantSpec:
   super_group_size: Optional[int] = None
   scale_bits: Optional[int] = None
   dense_pack: bool = False
-  full_range: bool = False
+  symmetric_scale: str = DEFAULT_SYMMETRIC_SCALE
 
   def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 8:
-      raise ValueError(f"QuantSpec: bits={self.bits!r} is not supported; allowed: integers 2..8.")
-    if self.granularity not in GRANULARITIES:
-      raise ValueError(f"QuantSpec: granularity={self.granularity!r}; allowed: {GRANULARITIES}.")
+    # Numpy scalars (np.int64, np.float32, np.bool_) become Python values: equal, same hash, JSON-able.
+    self._set("bits", _int(self.bits, "bits", "an int in 2..8", lo=2, hi=8))
+    self._set("symmetric", _bool(self.symmetric, "symmetric"))
+    _choice(self.granularity, "granularity", GRANULARITIES)
     if self.granularity == "group":
-      if not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
-        raise ValueError(
-            f"QuantSpec: granularity='group' needs group_size a positive int, got {self.group_size!r}.")
+      self._set("group_size", _int(self.group_size, "group_size",
+                                   "a positive int (granularity='group' needs one)", lo=1))
     elif self.group_size is not None:
       raise ValueError(
           f"QuantSpec: group_size={self.group_size!r} is only meaningful with granularity='group' "
-          f"(got granularity={self.granularity!r}).")
-    dtype_name = jnp.dtype(self.scale_dtype).name if not isinstance(self.scale_dtype, str) else self.scale_dtype
-    if dtype_name not in SCALE_DTYPES:
-      raise ValueError(f"QuantSpec: scale_dtype={self.scale_dtype!r}; allowed: {SCALE_DTYPES}.")
-    object.__setattr__(self, "scale_dtype", dtype_name)
-    if self.rounding not in ROUNDINGS:
-      raise ValueError(f"QuantSpec: rounding={self.rounding!r}; allowed: {ROUNDINGS}.")
-    if self.clip not in CLIPS:
-      raise ValueError(f"QuantSpec: clip={self.clip!r}; allowed: {CLIPS}.")
-    if not 0.0 < float(self.clip_ratio) <= 1.0:
-      raise ValueError(f"QuantSpec: clip_ratio={self.clip_ratio!r}; allowed: a float in (0, 1].")
+          f"(got granularity={self.granularity!r}); allowed: None, or set granularity='group'.")
     axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
-    if (not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes)
-        or len(set(axes)) != len(axes)):
+    if (not axes or any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes)
+        or len(set(int(a) for a in axes)) != len(axes)):
       raise ValueError(f"QuantSpec: axis={self.axis!r}; allowed: an int, or a tuple of distinct ints "
                        "(adjacent contraction axes).")
     axes = tuple(int(a) for a in axes)
-    object.__setattr__(self, "axis", axes[0] if len(axes) == 1 and not isinstance(self.axis, (tuple, list))
-                       else axes)
+    self._set("axis", axes[0] if len(axes) == 1 and not isinstance(self.axis, (tuple, list)) else axes)
+    try:
+      dtype_name = self.scale_dtype if isinstance(self.scale_dtype, str) else jnp.dtype(self.scale_dtype).name
+    except TypeError:
+      dtype_name = None
+    if dtype_name not in SCALE_DTYPES:
+      raise ValueError(f"QuantSpec: scale_dtype={self.scale_dtype!r}; allowed: {SCALE_DTYPES}.")
+    self._set("scale_dtype", dtype_name)
+    _choice(self.rounding, "rounding", ROUNDINGS)
+    _choice(self.clip, "clip", CLIPS)
+    ratio = _float(self.clip_ratio, "clip_ratio", "a float in (0, 1]")
+    if not 0.0 < ratio <= 1.0:
+      raise ValueError(f"QuantSpec: clip_ratio={self.clip_ratio!r}; allowed: a float in (0, 1].")
+    self._set("clip_ratio", ratio)
+    self._set("pad_groups", _bool(self.pad_groups, "pad_groups"))
+    self._set("mse_grid", _int(self.mse_grid, "mse_grid", "a positive int (shrink candidates of clip='mse')",
+                               lo=1))
+    shrink = _float(self.mse_max_shrink, "mse_max_shrink", "a float in [0, 1)")
+    if not 0.0 <= shrink < 1.0:
+      raise ValueError(f"QuantSpec: mse_max_shrink={self.mse_max_shrink!r}; allowed: a float in [0, 1) "
+                       "(0.8: clip='mse' tries ranges down to 20% of min-max).")
+    self._set("mse_max_shrink", shrink)
+    norm = _float(self.mse_norm, "mse_norm", "a float > 0")
+    if not 0.0 < norm < float("inf"):
+      raise ValueError(f"QuantSpec: mse_norm={self.mse_norm!r}; allowed: a finite float > 0 (the p of "
+                       "sum |x - q|^p; 2.4 as GPTQ's reference, 2.0 for squared error).")
+    self._set("mse_norm", norm)
     self._check_grid_fields()
 
+  def _set(self, name, value):
+    object.__setattr__(self, name, value)
+
+  def _apply_full_range(self, full_range, explicit_rule: bool) -> None:
+    """The constructor alias: ``full_range=True`` is ``symmetric_scale="signed"``, False is ``"max"``."""
+    full_range = _bool(full_range, "full_range")
+    if full_range and not self.symmetric:
+      raise ValueError(f"QuantSpec: full_range={full_range!r} with symmetric=False; allowed: True (symmetric "
+                       "specs only) or False.")
+    rule = "signed" if full_range else "max"
+    if explicit_rule and (self.symmetric_scale == "signed") != full_range:
+      raise ValueError(f"QuantSpec: full_range={full_range} (symmetric_scale={rule!r}) contradicts "
+                       f"symmetric_scale={self.symmetric_scale!r}; allowed: give only symmetric_scale.")
+    if not explicit_rule:
+      self._set("symmetric_scale", rule)
+
   def _check_grid_fields(self):
-    if self.offset not in OFFSETS:
-      raise ValueError(f"QuantSpec: offset={self.offset!r}; allowed: {OFFSETS}.")
+    _choice(self.offset, "offset", OFFSETS)
     if self.offset == "min" and self.symmetric:
       raise ValueError("QuantSpec: offset='min' needs symmetric=False (a symmetric grid has no offset).")
-    if not isinstance(self.dense_pack, (bool, np.bool_)):
-      raise ValueError(f"QuantSpec: dense_pack={self.dense_pack!r}; allowed: True or False.")
-    if not isinstance(self.full_range, (bool, np.bool_)) or (self.full_range and not self.symmetric):
-      raise ValueError(f"QuantSpec: full_range={self.full_range!r}; allowed: True (symmetric specs only) or False.")
+    self._set("dense_pack", _bool(self.dense_pack, "dense_pack"))
+    _choice(self.symmetric_scale, "symmetric_scale", SYMMETRIC_SCALES)
+    if not self.symmetric:  # the rule is symmetric-only: asymmetric specs all carry the default (equal, hash)
+      self._set("symmetric_scale", DEFAULT_SYMMETRIC_SCALE)
+    if self.super_group_size is not None:
+      self._set("super_group_size", _int(self.super_group_size, "super_group_size", "a positive int", lo=1))
+    if self.scale_bits is not None:
+      self._set("scale_bits", _int(self.scale_bits, "scale_bits", "integers 2..8", lo=2, hi=8))
     if (self.super_group_size is None) != (self.scale_bits is None):
       raise ValueError(
           f"QuantSpec: super_group_size={self.super_group_size!r} and scale_bits={self.scale_bits!r} go "
           "together; allowed: both None (one-level scales) or both set (two-level scales).")
     if self.scale_bits is None:
       return
-    sb = self.scale_bits
-    if isinstance(sb, bool) or not isinstance(sb, (int, np.integer)) or not 2 <= sb <= 8:
-      raise ValueError(f"QuantSpec: scale_bits={sb!r}; allowed: integers 2..8.")
     sg = self.super_group_size
-    if isinstance(sg, bool) or not isinstance(sg, (int, np.integer)) or sg < 1:
-      raise ValueError(f"QuantSpec: super_group_size={sg!r}; allowed: a positive int.")
     if not self.symmetric and self.offset != "min":
       raise ValueError("QuantSpec: two-level scales of an asymmetric spec need offset='min' (float mins "
                        "under a super-group min); integer zero points are not supported there.")
@@ -177,11 +233,20 @@ class QuantSpec:
 
   @property
   def qmin(self) -> int:
+    """The lowest code: ``-2^(b-1)`` (symmetric) or 0."""
     return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
   @property
   def qmax(self) -> int:
+    """The highest code: ``2^(b-1) - 1`` (symmetric) or ``2^b - 1``."""
     return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+  @property
+  def scale_divisor(self) -> float:
+    """``amax / scale`` of the one-level symmetric rules: ``2^(b-1) - 1/2`` ("half"), ``2^(b-1) - 1``
+    ("max"), ``2^(b-1)`` ("signed", whose scale also carries the sign of the largest-magnitude value)."""
+    half = 2 ** (self.bits - 1)
+    return {"half": half - 0.5, "max": half - 1.0, "signed": float(half)}[self.symmetric_scale]
 
   @property
   def jnp_scale_dtype(self):
@@ -210,13 +275,18 @@ class QuantSpec:
 
   @property
   def standard_layout(self) -> bool:
-    """True for the layouts jquant had before GGUF grids: integer zero points, one-level float32 or
-    bfloat16 scales, byte-aligned 5..8-bit codes (what the Pallas kernels read)."""
-    return (self.offset == "zero_point" and not self.two_level and not self.dense_pack and not self.full_range
+    """True for the layouts the Pallas kernels read: integer zero points (or none), one-level float32 or
+    bfloat16 scales (of either sign: ``symmetric_scale="signed"`` too), byte-aligned 5..8-bit codes."""
+    return (self.offset == "zero_point" and not self.two_level and not self.dense_pack
             and self.scale_dtype in ("float32", "bfloat16"))
 
   def replace(self, **changes) -> "QuantSpec":
-    """A copy with some fields changed (``dataclasses.replace``)."""
+    """A copy with some fields changed (``dataclasses.replace``; ``full_range`` as in the constructor)."""
+    if "full_range" in changes:
+      full_range = changes.pop("full_range")
+      spec = dataclasses.replace(self, **changes)
+      spec._apply_full_range(full_range, "symmetric_scale" in changes)
+      return spec
     return dataclasses.replace(self, **changes)
 
   def num_groups(self, size: int) -> int:
@@ -266,6 +336,26 @@ class QuantSpec:
     return self.group_size if self.granularity == "group" else size
 
 
+def _full_range(self) -> bool:
+  """Whether every group's largest magnitude maps to ``qmin`` (``symmetric_scale == "signed"``)."""
+  return self.symmetric_scale == "signed"
+
+
+def _init_with_alias(init):
+  @functools.wraps(init)
+  def __init__(self, *args, full_range=None, **kwargs):
+    init(self, *args, **kwargs)
+    if full_range is not None:
+      self._apply_full_range(full_range, "symmetric_scale" in kwargs)
+  return __init__
+
+
+# `full_range` is a constructor keyword and a property, not a field: one stored truth (symmetric_scale) for
+# equality, hashing, checkpoints and `dataclasses.replace`; subclasses (W8A8Spec) keep their own __init__.
+QuantSpec.__init__ = _init_with_alias(QuantSpec.__init__)
+QuantSpec.full_range = property(_full_range)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Pairs a regex on the ``/``-joined parameter path with a `QuantSpec`.
@@ -281,15 +371,48 @@ class Rule:
   spec: Optional[QuantSpec]
 
   def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise TypeError(f"Rule: pattern={self.pattern!r} ({type(self.pattern).__name__}); allowed: a str regex "
+                      "searched in the '/'-joined parameter path.")
     try:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"Rule: pattern={self.pattern!r} is not a valid regex: {e}.") from None
     if self.spec is not None and not isinstance(self.spec, QuantSpec):
-      raise TypeError(f"Rule: spec must be a QuantSpec or None, got {type(self.spec).__name__}.")
+      raise TypeError(f"Rule: spec={self.spec!r} ({type(self.spec).__name__}); allowed: a jquant.QuantSpec, or "
+                      "None to leave matching leaves in float.")
 
   def matches(self, path: str) -> bool:
     return re.search(self.pattern, path) is not None
+
+
+def _int(v, name: str, allowed: str, lo=None, hi=None) -> int:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise ValueError(f"QuantSpec: {name}={v!r} ({type(v).__name__}); allowed: {allowed}.")
+  v = int(v)
+  if (lo is not None and v < lo) or (hi is not None and v > hi):
+    raise ValueError(f"QuantSpec: {name}={v!r} is out of range; allowed: {allowed}.")
+  return v
+
+
+def _float(v, name: str, allowed: str) -> float:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    raise ValueError(f"QuantSpec: {name}={v!r} ({type(v).__name__}); allowed: {allowed}.")
+  v = float(v)
+  if v != v:
+    raise ValueError(f"QuantSpec: {name}=nan; allowed: {allowed}.")
+  return v
+
+
+def _bool(v, name: str) -> bool:
+  if not isinstance(v, (bool, np.bool_)):
+    raise ValueError(f"QuantSpec: {name}={v!r} ({type(v).__name__}); allowed: True or False.")
+  return bool(v)
+
+
+def _choice(v, name: str, allowed: tuple) -> None:
+  if not isinstance(v, str) or v not in allowed:
+    raise ValueError(f"QuantSpec: {name}={v!r}; allowed: one of {allowed}.")
 
 
 def first_match(rules, path: str) -> tuple[bool, Any]:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jquant.qarray import QArray, dequantize, quantize
 from jquant.spec import Rule, first_match
-from jquant.utils import path_str
+from jquant.utils import check_finite, path_str
 
 
 def is_qarray(x) -> bool:
@@ -36,22 +36,68 @@ def _is_float_array(x) -> bool:
   return hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _place_like(arr, sharding):
-  """Puts ``arr`` on ``sharding``'s mesh, keeping each named axis whose size divides."""
-  if not isinstance(sharding, NamedSharding) or isinstance(arr, jax.core.Tracer):
-    return arr
-  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (arr.ndim - len(sharding.spec))
+def sharding_like(shape, sharding) -> Optional[jax.sharding.Sharding]:
+  """The layout of ``sharding`` for an array of ``shape`` (a part of the weight it shards).
+
+  A `NamedSharding` keeps its mesh and, per dimension, the mesh axes whose
+  total size divides that dimension of ``shape`` (others are replicated;
+  dimensions beyond the spec too). A `SingleDeviceSharding` fits any shape
+  and is returned as is.
+
+  Args:
+    shape: The array's shape (a QArray's packed payload, scales...).
+    sharding: The float weight's sharding.
+
+  Returns:
+    A sharding valid for ``shape``, or None for other sharding types (then
+    the caller keeps its default placement).
+
+  Example:
+    >>> mesh = jax.make_mesh((8,), ("x",))
+    >>> sharding_like((3, 64), NamedSharding(mesh, PartitionSpec("x", None))).spec   # 3 rows: replicated
+    PartitionSpec(None, None)
+  """
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  if not isinstance(sharding, NamedSharding):
+    return None
+  mesh, spec = sharding.mesh, tuple(sharding.spec)[:len(shape)]
+  spec += (None,) * (len(shape) - len(spec))
   kept = []
-  for dim, names in zip(arr.shape, spec):
+  for dim, names in zip(shape, spec):
     size = 1
     for n in (names if isinstance(names, tuple) else (names,)):
       size *= mesh.shape[n] if n is not None else 1
     kept.append(names if names is not None and dim % size == 0 else None)
-  return jax.device_put(arr, NamedSharding(mesh, PartitionSpec(*kept)))
+  return NamedSharding(mesh, PartitionSpec(*kept), memory_kind=sharding.memory_kind)
+
+
+def _place_like(arr, sharding):
+  """Puts ``arr`` on ``sharding``'s mesh, keeping each named axis whose size divides."""
+  if not isinstance(sharding, NamedSharding) or isinstance(arr, jax.core.Tracer):
+    return arr
+  return jax.device_put(arr, sharding_like(arr.shape, sharding))
 
 
 def shard_like(q: QArray, sharding) -> QArray:
-  """Lays out a QArray's payload, scales and zero points like a float weight's sharding."""
+  """Lays out a QArray's payload, scales and zero points like a float weight's sharding.
+
+  Each array of ``q`` goes onto ``sharding``'s mesh with the named axes whose
+  size divides its own dimensions (`sharding_like`); other sharding types
+  leave ``q`` as it is. `jquant.quantize_params` and `jquant.load` (a float
+  target for a quantized checkpoint) lay QArrays out this way.
+
+  Args:
+    q: A `QArray`.
+    sharding: The float weight's sharding (usually a `NamedSharding`).
+
+  Returns:
+    The QArray with its arrays placed.
+
+  Example:
+    >>> mesh = jax.make_mesh((8,), ("x",))
+    >>> q = shard_like(jquant.quantize(w, spec), NamedSharding(mesh, PartitionSpec(None, "x")))
+  """
   return jax.tree_util.tree_map(lambda a: _place_like(a, sharding), q)
 
 
@@ -76,6 +122,13 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
     The same tree with the selected leaves replaced by `QArray` s, laid out on
     the same mesh axes as the float leaves they came from.
 
+  Raises:
+    ValueError: a selected leaf holds NaN or inf (the message names every
+      such leaf path and its count; leaves kept in float are not checked),
+      or a leaf the spec cannot quantize (naming its path). Traced leaves
+      (under ``jax.jit``) cannot be checked.
+    TypeError: rules that are not `jquant.Rule`.
+
   Warns:
     UserWarning if no leaf is quantized, listing the paths nearest to the
     patterns.
@@ -87,6 +140,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
   seen_paths, quantized = [], [0]
   axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
   not_matmul: list = []
+  _check_selected_finite(params, rules, axes_by_path)
 
   def visit(keypath, leaf):
     if is_qarray(leaf) or not _is_float_array(leaf):
@@ -122,6 +176,20 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
         f"quantize_params: rules {[r.pattern for r in rules]} quantized no leaf. "
         f"Nearby paths: {near[:8]}. Patterns are re.search-ed on '/'-joined paths.", stacklevel=2)
   return out
+
+
+def _check_selected_finite(params, rules, axes_by_path):
+  """Raises naming every rule-selected float leaf of ``params`` that holds NaN or inf."""
+  selected = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+    if is_qarray(leaf) or not _is_float_array(leaf):
+      continue
+    path = path_str(kp)
+    matched, spec = first_match(rules, path)
+    if matched and spec is not None and (not axes_by_path or path.removeprefix("params/") in axes_by_path):
+      selected[path] = leaf
+  check_finite(selected, "quantize_params", "the selected leaves",
+               "Fix these weights, or keep them in float (a rule with spec None before the others).")
 
 
 def dequantize_params(tree):

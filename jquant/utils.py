@@ -70,3 +70,58 @@ def package_dir(module: str, pip_name: str, needed_for: str, alternative: str = 
     raise FileNotFoundError(f"{needed_for} needs the '{pip_name}' package, which is not installed: "
                             f"pip install --no-deps {pip_name}" + (f"  ({alternative})" if alternative else ""))
   return list(spec.submodule_search_locations)[0]
+
+
+def nonfinite_leaves(tree, is_leaf=None) -> list:
+  """``[(path, count)]`` of the concrete floating leaves of ``tree`` holding NaN or inf (tracers are skipped).
+
+  Example:
+    >>> import numpy as np
+    >>> nonfinite_leaves({"a": np.array([1.0, np.nan]), "b": np.ones(2)})
+    [('a', 1)]
+  """
+  import jax.numpy as jnp
+  import numpy as np
+  bad = []
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (np.ndarray, np.generic, jax.Array)):
+      continue
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    if isinstance(leaf, jax.Array):  # reduced where it lives (a sharded leaf is not gathered)
+      with jax.ensure_compile_time_eval():  # a concrete leaf read inside a trace (a closed-over constant)
+        n = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
+    else:
+      n = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf, np.float32))))
+    if n:
+      bad.append((path_str(kp), n))
+  return bad
+
+
+def check_finite(tree, fn: str, what: str = "parameters", advice: str = "", is_leaf=None) -> None:
+  """Raises ValueError naming every leaf of ``tree`` that holds NaN or inf.
+
+  Args:
+    tree: Any pytree; integer and traced leaves are skipped.
+    fn: The public function checking, for the message (``"gptq.quantize_model"``).
+    what: What the tree is (``"params"``, ``"calibration activations"``).
+    advice: What the user should do, appended to the message.
+    is_leaf: Passed to `jax.tree_util.tree_flatten_with_path`.
+
+  Raises:
+    ValueError: ``"{fn}: {what} hold non-finite values (NaN or inf) at
+      {path}: {count} values, ...; allowed: finite values only."``
+
+  Example:
+    >>> import numpy as np
+    >>> check_finite({"w": np.array([np.inf])}, "demo")
+    Traceback (most recent call last):
+    ...
+    ValueError: demo: parameters hold non-finite values (NaN or inf) at w (1 value); allowed: finite values only.
+  """
+  bad = nonfinite_leaves(tree, is_leaf=is_leaf)
+  if bad:
+    where = ", ".join(f"{p or '<root>'} ({n} value{'s' if n > 1 else ''})" for p, n in bad[:8])
+    more = f" and {len(bad) - 8} more leaves" if len(bad) > 8 else ""
+    raise ValueError(f"{fn}: {what} hold non-finite values (NaN or inf) at {where}{more}; allowed: finite values "
+                     f"only.{(' ' + advice) if advice else ''}")

@@ -153,3 +153,21 @@ def test_folding_is_exact_to_float32_rounding():
 def test_fold_into_columns_checks_shapes():
   with pytest.raises(ValueError, match="output columns"):
     core.fold_into_columns(jnp.ones((4, 6)), jnp.ones(4))
+
+
+def test_non_finite_inputs_are_rejected_naming_the_argument():
+  x, w = _data(n=64, d=64, out=16)
+  x_nan, w_inf = x.at[3, 5].set(jnp.nan), w.at[0, 1].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"awq\.activation_stats: activations hold non-finite .* at x \(1 value\)"):
+    core.activation_stats(x_nan)
+  with pytest.raises(ValueError, match=r"awq\.weight_stats: .* at kernels/1 \(1 value\)"):
+    core.weight_stats([w, w_inf], W3G32)
+  with pytest.raises(ValueError, match=r"awq\.candidate_grid: statistics .* at x_mean \(1 value\)"):
+    core.search_scales(_rtn_loss(x, w, W3G32), jnp.ones(64).at[2].set(jnp.nan), n_grid=4)
+  with pytest.raises(ValueError, match=r"awq\.search_clip: .* at kernel \(1 value\)"):
+    core.search_clip(w_inf, x, W3G32)
+  with pytest.raises(ValueError, match=r"awq\.search_clip: .* at x \(1 value\)"):
+    core.search_clip(w, x_nan, W3G32)
+  # Finite statistics but a loss that is NaN for every candidate: nothing to choose, no silent alpha = 0.
+  with pytest.raises(ValueError, match=r"awq\.search_scales: every candidate's error is non-finite"):
+    core.search_scales(lambda s: jnp.sum(s) * jnp.nan, core.activation_stats(x), n_grid=4)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import fold_models as M
@@ -191,3 +192,38 @@ def test_given_folds_rules_and_errors(llama):
     awq.scale_model(m, params, [], RULES)
   with pytest.raises(TypeError, match="already quantized"):
     awq.scale_model(m, jquant.quantize_params(params, RULES, axes=scaled.axes), tok, RULES)
+
+
+class _SqrtBlock(nn.Module):
+  """``x + down(sqrt(up(x)))``: finite weights and inputs, NaN activations where ``up(x) < 0``."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(x.shape[-1], name="down")(jnp.sqrt(nn.Dense(16, name="up")(x)))
+
+
+class _SqrtNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = _SqrtBlock(name=f"layers_{i}")(x)
+    return x
+
+
+def test_non_finite_weights_inputs_and_activations_are_named(llama):
+  m, params, tok, _, _, _ = llama
+  p = jax.tree_util.tree_map(lambda a: a, params)
+  p["layers_1"]["up"]["kernel"] = p["layers_1"]["up"]["kernel"].at[2, 3].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"awq\.scale_model: params hold non-finite .* at "
+                                       r"layers_1/up/kernel \(1 value\)"):
+    awq.quantize_model(m, p, tok, RULES, progress=False)
+  # Activation statistics are checked as soon as a block computes them, naming the block's layers.
+  x = jax.random.normal(jax.random.key(0), (4, 8, 16))
+  net = _SqrtNet()
+  q_params = net.init(jax.random.key(1), x)["params"]
+  with pytest.raises(ValueError, match=r"statistics \(mean \|x\|\) of block 'layers_0' hold non-finite .* at "
+                                       r"layers_0/down/kernel"):
+    awq.quantize_model(net, q_params, x, [jquant.Rule(r"kernel$", SPEC)], n_grid=4, progress=False)
+  with pytest.raises(ValueError, match=r"awq\.scale_model: the calibration inputs hold non-finite .* at "
+                                       r"calib \(1 value\)"):
+    awq.scale_model(net, q_params, x.at[1, 2, 3].set(jnp.inf), [jquant.Rule(r"kernel$", SPEC)], progress=False)

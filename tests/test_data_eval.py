@@ -139,3 +139,23 @@ def test_demo_rtn_rows_quantize_every_block_kernel(toy):
     qs = [x for x in leaves if jquant.is_qarray(x)]
     assert len(qs) == 7 * toy.config.n_layers and all(x.spec == spec for x in qs)  # q k v o gate up down
     assert not jquant.is_qarray(r["params"]["embed"]["embedding"])
+
+
+def test_eval_rejects_token_ids_outside_the_vocabulary(toy):
+  """An id >= vocab_size gave NaN logits and -1 read the last row, under jit, with no error."""
+  tokens = np.random.default_rng(0).integers(0, 97, (3, 12)).astype(np.int32)
+  bad = tokens.copy()
+  bad[1, 4] = 97
+  neg = tokens.copy()
+  neg[2, 0] = -1
+  msg = r"windows hold 1 id outside the vocabulary \[0, 97\): {} at index \({}\); allowed: ids in 0..96"
+  with pytest.raises(ValueError, match=r"eval\.perplexity: " + msg.format(97, "1, 4")):
+    jeval.perplexity(toy, toy.params, bad, progress=False)
+  with pytest.raises(ValueError, match=r"eval\.per_position_nll: " + msg.format(-1, "2, 0")):
+    jeval.per_position_nll(toy, toy.params, neg)
+  with pytest.raises(ValueError, match=r"eval\.per_position_error: " + msg.format(97, "1, 4")):
+    jeval.per_position_error(toy, toy.params, toy.params, bad)
+  with pytest.raises(ValueError, match=r"eval\.layer_error_report: " + msg.format(97, "1, 4")):
+    jeval.layer_error_report(toy, toy.params, toy.params, bad)
+  with pytest.raises(ValueError, match=r"eval\.perplexity: windows must be an integer array .* dtype float32"):
+    jeval.perplexity(toy, toy.params, tokens.astype(np.float32), progress=False)

@@ -17,10 +17,10 @@ from jquant import gptq
 def _np_group_params(vals, bits, sym):
   """Min-max group parameters, jquant's conventions (see jquant.qarray)."""
   lo, hi = vals.min(0), vals.max(0)
-  if sym:
-    qmax = 2 ** (bits - 1) - 1
-    s = np.maximum(np.abs(lo), np.abs(hi)) / qmax
-    return np.where(s > 1e-30, s, 1.0), None
+  if sym:  # the default symmetric_scale="signed": the largest magnitude, with its sign, maps to -2^(b-1)
+    extreme = np.where(np.abs(hi) >= np.abs(lo), hi, lo)
+    s = extreme / -(2 ** (bits - 1))
+    return np.where(np.abs(s) > 1e-30, s, 1.0), None
   qmax = 2 ** bits - 1
   lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
   s = (hi - lo) / qmax
@@ -28,12 +28,13 @@ def _np_group_params(vals, bits, sym):
   return s, np.clip(np.round(-lo / s), 0, qmax)
 
 
-def ref_gptq(w, h, bits, sym, group, *, damp=0.01, act_order=False, static_groups=False):
+def ref_gptq(w, h, bits, sym, group, *, damp=0.01, act_order=False, static_groups=False, with_deq=False):
   """Algorithm 1 of the paper, one row at a time (no lazy batches), float64.
 
   Groups are contiguous along the input axis; a group's parameters are taken
   from its current (error-updated) rows when its first row is reached (or from
-  the original rows with static groups). Returns (codes, ratio x/scale, loss).
+  the original rows with static groups). Returns (codes, ratio x/scale, loss),
+  and the dequantized weights after them if ``with_deq``.
   """
   w = np.array(w, np.float64)
   h = np.array(h, np.float64)
@@ -68,7 +69,8 @@ def ref_gptq(w, h, bits, sym, group, *, damp=0.01, act_order=False, static_group
     e = (wp[j] - q) / u[j, j]
     wp[j:] -= np.outer(u[j, j:], e)
   err = w_orig - deq
-  return codes, ratio, 0.5 * np.sum(err * (h_orig @ err))
+  loss = 0.5 * np.sum(err * (h_orig @ err))
+  return (codes, ratio, loss, deq) if with_deq else (codes, ratio, loss)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -253,3 +255,26 @@ def test_column_chunks_equal_one_solve(monkeypatch, sym, gran):
   if not sym:
     np.testing.assert_array_equal(np.asarray(parts.zero_point), np.asarray(whole.zero_point))
   np.testing.assert_allclose(float(parts.loss), float(whole.loss), rtol=1e-5)
+
+
+def test_non_finite_inputs_are_rejected_naming_the_argument():
+  """The reported case: a NaN weight gave loss NaN and its column all code 0, with no error."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  w = (jax.random.normal(k1, (64, 32)) / 8).at[5, 7].set(jnp.nan)
+  h = gptq.hessian(jax.random.normal(k2, (512, 64)))
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=16)
+  with pytest.raises(ValueError, match=r"gptq\.solve: inputs hold non-finite values \(NaN or inf\) at w \(1 value\)"):
+    gptq.solve(w, h, spec)
+  with pytest.raises(ValueError, match=r"gptq\.solve_codes: .* at w \(1 value\)"):
+    gptq.solve_codes(w, h, spec)
+  w = jnp.nan_to_num(w)
+  with pytest.raises(ValueError, match=r"gptq\.solve: .* at hessian \(2 values\)"):
+    gptq.solve(w, h.at[3, 4].set(jnp.inf).at[4, 3].set(jnp.inf), spec)
+  x = np.ones((16, 64), np.float32)
+  x[2, 9] = np.nan
+  with pytest.raises(ValueError, match=r"gptq\.hessian: inputs hold non-finite .* at x \(1 value\)"):
+    gptq.hessian(x)
+  row_w = np.ones(16, np.float32)
+  row_w[3] = np.inf
+  with pytest.raises(ValueError, match=r"gptq\.hessian_update: .* at weights \(1 value\)"):
+    gptq.hessian_update(gptq.hessian_init(64), np.ones((16, 64), np.float32), row_w)

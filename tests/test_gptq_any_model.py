@@ -235,10 +235,13 @@ def test_errors_name_the_leaf_and_the_argument():
     gptq.quantize_model(m, params, x, rules, skip_positions=1, progress=False)
   bad = jax.tree_util.tree_map(lambda a: a, params)
   bad["layers_1"]["kernel"] = bad["layers_1"]["kernel"].at[0, 0].set(jnp.nan)
-  with pytest.raises(ValueError, match=r"layers_1/kernel.*non-finite"):
+  with pytest.raises(ValueError, match=r"float parameters hold non-finite.*at layers_1/kernel \(1 value\)"):
     gptq.quantize_model(m, bad, x, rules, progress=False)
-  with pytest.raises(ValueError, match=r"calibration inputs of \['layers_0/kernel'\].*non-finite"):
+  with pytest.raises(ValueError, match=r"calibration inputs hold non-finite.* at calib \(1 value\)"):
     gptq.quantize_model(m, params, x.at[0, 0].set(jnp.inf), rules, progress=False)
+  big = x.at[0, 0].set(3e38)  # finite input whose square overflows: named by the layer whose Hessian it reaches
+  with pytest.raises(ValueError, match=r"Hessian of \['layers_0/kernel'\] is non-finite.*every parameter"):
+    gptq.quantize_model(m, params, big, rules, progress=False)
   with pytest.raises(ValueError, match=r"quantize_model \(layers_0: layers_0/kernel\).*d in \[0, 0\]"):
     gptq.quantize_model(m, params, x, rules, damp=0.0, damp_tries=2, progress=False)  # 8 rows: H has rank 8 < 32
   with pytest.raises(ValueError, match=r"params=None"):

@@ -11,8 +11,10 @@ from pallas_kernels import KernelUnsupported, w4a16
 
 
 def _spec(bits, symmetric, granularity, group_size, pad_groups=False):
-  return jquant.QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity,
-                          group_size=group_size if granularity == "group" else None, pad_groups=pad_groups)
+  """``symmetric``: True (the default "half" scale rule), False, or a `QuantSpec.symmetric_scale` rule."""
+  rule = dict(symmetric_scale=symmetric) if isinstance(symmetric, str) else dict(symmetric=symmetric)
+  return jquant.QuantSpec(bits=bits, granularity=granularity, group_size=group_size if granularity == "group"
+                          else None, pad_groups=pad_groups, **rule)
 
 
 class TestWeightOnly(KernelTestBase):
@@ -33,6 +35,9 @@ class TestWeightOnly(KernelTestBase):
       (8, 256, 64, 7, False, "group", 128, "bfloat16"),
       (16, 256, 128, 8, True, "group", 64, "bfloat16"),
       (3, 192, 128, 8, False, "channel", None, "float32"),
+      # Signed scales (symmetric_scale="signed", llama.cpp's full range: codes down to -2^(b-1)).
+      (3, 128, 64, 4, "signed", "group", 64, "bfloat16"),
+      (3, 128, 64, 8, "signed", "channel", None, "float32"),
   )
   COMPILE_CASES = (
       (37, 896, 1000, 4, True, "group", 128, "bfloat16"),
@@ -110,6 +115,8 @@ def test_layouts_the_kernels_cannot_read_are_refused_or_fall_back():
   q = jquant.quantize(w, _spec(4, True, "group", 48, pad_groups=True))  # 48 is no power of two
   with pytest.raises(KernelUnsupported, match="group_size=48"):
     w4a16.qarray_matmul(jnp.ones((2, 256), jnp.bfloat16), q, backend="gpu", interpret=True)
+  assert w4a16.supports(jquant.quantize(w, _spec(4, "signed", "group", 64)))  # signed scales: read as is
+  assert not w4a16.supports(jquant.quantize(w, jquant.gguf.spec_for("Q4_0")))  # float16 scales
   # 'auto' on CPU is the XLA path whatever the layout.
   y = w4a16.qarray_matmul(jnp.ones((2, 256), jnp.bfloat16), q)
   assert y.shape == (2, 128) and bool(jnp.all(jnp.isfinite(y)))

@@ -160,8 +160,48 @@ def test_config_errors_name_the_argument(kwargs):
 
 
 def test_apply_rejects_float_tokens(toy):
-  with pytest.raises(ValueError, match="integer"):
+  with pytest.raises(ValueError, match="Model.apply: tokens have dtype float32; allowed: an integer dtype"):
     toy.apply(toy.params, jnp.zeros((1, 4)))
+  with pytest.raises(ValueError, match="tokens have dtype bool"):
+    toy.apply(toy.params, np.ones((1, 4), bool))
+
+
+@pytest.mark.parametrize("bad_id", [97, 1000, -1])
+def test_apply_rejects_token_ids_outside_the_vocabulary(toy, bad_id):
+  """The report: id == vocab_size gave all-NaN logits and -1 silently read the last row."""
+  with pytest.raises(ValueError, match=rf"Model.apply: tokens hold 1 id outside the vocabulary \[0, 97\): {bad_id} at "
+                                       r"index \(0, 2\); allowed: ids in 0..96 \(the model's vocab_size is 97\)"):
+    toy.apply(toy.params, [[1, 2, bad_id, 3]])
+  # Under jit the ids are tracers: only dtype and shape can be checked (documented on Model.apply).
+  assert jax.jit(toy.apply)(toy.params, jnp.asarray([[1, 2, 3]])).shape == (1, 3, 97)
+
+
+def test_bert_apply_rejects_out_of_range_ids_and_token_types():
+  b = models.bert_init(models.BertConfig(n_layers=1), jax.random.key(3))
+  with pytest.raises(ValueError, match=r"BertModel.apply: tokens hold 2 ids outside the vocabulary \[0, 128\): 128 at "
+                                       r"index \(0, 1\)"):
+    b.apply(b.params, np.array([[1, 128, 3, 500]]))
+  with pytest.raises(ValueError, match=r"BertModel.apply: token_types hold 1 id outside the vocabulary \[0, 2\): 2"):
+    b.apply(b.params, np.array([[1, 2, 3]]), token_types=np.array([[0, 1, 2]]))
+
+
+def test_calibration_entry_points_reject_bad_token_ids_before_any_hessian(toy):
+  """Solvers trace the model (its ids are tracers there): the windows are checked where they enter."""
+  from jquant import awq, gptq
+  from jquant.calibrate import W8A8Spec, calibrate
+  windows = np.ones((4, 8), np.int32)
+  windows[2, 3] = 97
+  rules = [jquant.Rule(r"layers_\d+/(attn|mlp)/\w+/kernel", jquant.QuantSpec(bits=4, granularity="group",
+                                                                          group_size=16))]
+  msg = r"calib hold 1 id outside the vocabulary \[0, 97\): 97 at index \(2, 3\)"
+  with pytest.raises(ValueError, match=r"gptq\.quantize_model: " + msg):
+    gptq.quantize_model(toy, None, windows, rules, progress=False)
+  with pytest.raises(ValueError, match=r"awq\.scale_model: " + msg):
+    awq.quantize_model(toy, None, windows, rules, progress=False)
+  with pytest.raises(ValueError, match=r"calibrate: " + msg):
+    calibrate(toy, None, windows, [jquant.Rule("kernel", W8A8Spec())], progress=False)
+  with pytest.raises(ValueError, match=r"smoothquant: calib\[1\] tokens hold 16 ids .*: -1 at index \(0, 0\)"):
+    jquant.smoothquant.smooth(toy, None, [windows[:2] % 97, -windows[:2]], {})
 
 
 # ----------------------------------------------------------------------------- SmolLM2

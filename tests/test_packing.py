@@ -41,3 +41,20 @@ def test_int3_bit_positions():
 def test_int2_bit_positions():
   codes = jnp.array([[3], [0], [1], [2]], jnp.uint8)
   assert int(packing.pack(codes, 2, 0)[0, 0]) == 3 | (0 << 2) | (1 << 4) | (2 << 6)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_every_symmetric_code_round_trips(bits, dense):
+  """Symmetric codes -2^(b-1) .. 2^(b-1)-1 (all of them: the "half" and "signed" scale rules reach the lowest)
+  survive the offset-binary payload bit for bit."""
+  import jquant
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  codes = np.stack([np.arange(lo, hi + 1), np.arange(hi, lo - 1, -1)], axis=1)  # (2^b, 2), qmin in both
+  spec = jquant.QuantSpec(bits=bits, dense_pack=dense, symmetric_scale="signed")
+  q = jquant.QArray.from_codes(jnp.asarray(codes), -jnp.ones((1, 2)), None, spec)
+  np.testing.assert_array_equal(np.asarray(q.codes()), codes)
+  np.testing.assert_array_equal(np.asarray(jquant.dequantize(q)), -codes.astype(np.float32))
+  if bits < 8:  # stored offset by 2^(b-1): the lowest code is 0
+    stored = packing.unpack(q.qvalue, bits, 2**bits, 0, dtype=jnp.int32, dense=dense)
+    np.testing.assert_array_equal(np.asarray(stored), codes - lo)

@@ -13,56 +13,112 @@ from jquant import packing
 GRANULARITIES = [("tensor", None), ("channel", None), ("group", 16)]
 
 
-def numpy_reference(x, bits, symmetric, granularity, group_size):
-  """Independent float64 quantizer along axis 0 of a 2-D array (min-max ranges)."""
+GRIDS = ["half", "max", "signed", "asym"]  # the symmetric scale rules, and asymmetric
+
+
+def numpy_reference(x, bits, grid, granularity, group_size):
+  """Independent float64 group parameters along axis 0 of a 2-D array (min-max ranges).
+
+  Returns per-element ``(scale, zero)`` (zero 0 for symmetric grids), and the
+  ratio ``lo / scale`` of each group's low end, where the zero point is a
+  rounding tie candidate.
+  """
   x = np.asarray(x, np.float64)
   k, n = x.shape
-  if granularity == "tensor":
-    groups = [x.reshape(-1, 1)]
-    gshape = (1, -1)
-  else:
-    g = k if granularity == "channel" else group_size
-    groups = x.reshape(k // g, g, n)
-  out = np.empty_like(x)
-  if granularity == "tensor":
-    blocks = [(slice(None), slice(None))]
-  else:
-    g = k if granularity == "channel" else group_size
-    blocks = [(slice(i, i + g), slice(None)) for i in range(0, k, g)]
-  for rows, cols in blocks:
-    blk = x[rows, cols]
-    lo, hi = blk.min(axis=0 if granularity != "tensor" else None), blk.max(axis=0 if granularity != "tensor" else None)
-    if symmetric:
-      qmax = 2 ** (bits - 1) - 1
-      scale = np.maximum(np.abs(lo), np.abs(hi)) / qmax
-      scale = np.where(scale > 1e-30, scale, 1.0)
-      q = np.clip(np.round(blk / scale), -qmax - 1, qmax)
-      out[rows, cols] = q * scale
+  g = {"tensor": k, "channel": k, "group": group_size}[granularity]
+  scale, zero = np.empty_like(x), np.zeros_like(x)
+  for r in range(0, k, g):
+    blk = x[r:r + g]
+    axis = None if granularity == "tensor" else 0
+    lo, hi = blk.min(axis=axis), blk.max(axis=axis)
+    if granularity == "tensor":
+      blk = x
+    half = 2 ** (bits - 1)
+    if grid == "signed":  # the largest magnitude (hi on ties) maps to -2^(b-1)
+      s = np.where(np.abs(hi) >= np.abs(lo), hi, lo) / -half
+      s = np.where(np.abs(s) > 1e-30, s, 1.0)
+      z = 0.0
+    elif grid in ("half", "max"):
+      s = np.maximum(np.abs(lo), np.abs(hi)) / (half - (0.5 if grid == "half" else 1.0))
+      s = np.where(s > 1e-30, s, 1.0)
+      z = 0.0
     else:
       qmax = 2**bits - 1
       lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-      scale = (hi - lo) / qmax
-      scale = np.where(scale > 1e-30, scale, 1.0)
-      zero = np.clip(np.round(-lo / scale), 0, qmax)
-      q = np.clip(np.round(blk / scale) + zero, 0, qmax)
-      out[rows, cols] = (q - zero) * scale
-  del groups
-  return out
+      s = (hi - lo) / qmax
+      s = np.where(s > 1e-30, s, 1.0)
+      z = np.clip(np.round(-lo / s), 0, qmax)
+    rows = slice(None) if granularity == "tensor" else slice(r, r + g)
+    scale[rows], zero[rows] = s, z
+    if granularity == "tensor":
+      break
+  return scale, zero
+
+
+def check_codes(codes, v, qmin, qmax):
+  """``codes == clip(round(v), qmin, qmax)``, except at rounding ties (|frac(v) - 1/2| < 1e-4: float32 and
+  float64 may land on either side), where either neighbour is accepted."""
+  ref = np.clip(np.round(v), qmin, qmax)
+  tie = np.abs(v - np.floor(v) - 0.5) < 1e-4
+  other = np.clip(np.where(np.round(v) > v, np.floor(v), np.ceil(v)), qmin, qmax)
+  ok = (codes == ref) | (tie & (codes == other))
+  assert ok.all(), (codes[~ok], v[~ok])
+
+
+def representable(q):
+  """Per-element float64 (low, high) ends of the values a QArray's codes can take, and the scale."""
+  spec = q.spec
+  s, z = (np.broadcast_to(np.asarray(jquant.expand_to_groups(a, spec.replace(axis=q.axis), q.size), np.float64),
+                          q.stored_shape) if a is not None else None for a in q.group_params())
+  if spec.float_min:
+    ends = (spec.qmin * s - z, spec.qmax * s - z)
+  else:
+    z = 0.0 if z is None else z
+    ends = ((spec.qmin - z) * s, (spec.qmax - z) * s)
+  return np.minimum(*ends), np.maximum(*ends), s
+
+
+def error_bound(x, q, out_dtype):
+  """RTN's bound: half a step inside the representable range, the distance to it outside; plus the
+  rounding of the output dtype (relative eps, and its smallest normal for flushed subnormals)."""
+  x = np.asarray(x, np.float64).reshape(q.stored_shape)
+  lo, hi, s = representable(q)
+  dist = np.maximum(lo - x, 0) + np.maximum(x - hi, 0)
+  info = jnp.finfo(out_dtype)
+  tol = float(info.eps) * np.abs(x) + 2 * float(info.tiny)
+  return np.maximum(np.abs(s) / 2, dist) * (1 + 1e-4) + tol, dist
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("granularity,group_size", GRANULARITIES)
-def test_error_bound_and_numpy_reference(bits, symmetric, granularity, group_size):
+def test_error_bound_and_numpy_reference(bits, grid, granularity, group_size):
   x = jax.random.normal(jax.random.key(bits), (64, 24)) * 3.0
-  spec = jquant.QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+  rule = dict(symmetric=False) if grid == "asym" else dict(symmetric_scale=grid)
+  spec = jquant.QuantSpec(bits=bits, granularity=granularity, group_size=group_size, **rule)
   q = jquant.quantize(x, spec)
-  deq = np.asarray(jquant.dequantize(q))
-  scale = np.asarray(jquant.expand_to_groups(q.scale, spec, 64))
-  # |x - deq| <= scale / 2 inside the range (min-max ranges: everything is inside).
-  assert np.all(np.abs(deq - np.asarray(x)) <= scale / 2 * (1 + 1e-5) + 1e-7)
-  ref = numpy_reference(x, bits, symmetric, granularity, group_size)
-  np.testing.assert_allclose(deq, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  deq = np.asarray(jquant.dequantize(q), np.float64)
+  xs = np.asarray(x, np.float64)
+  bound, dist = error_bound(x, q, jnp.float32)
+  assert np.all(np.abs(deq - xs) <= bound)
+  if grid != "signed":  # min-max ranges clip nothing beyond half a step (signed: the other sign's far end)
+    assert np.all(dist <= np.abs(representable(q)[2]) * (0.5 + 1e-5))
+  ref_s, ref_z = numpy_reference(x, bits, grid, granularity, group_size)
+  lo, hi, s = representable(q)
+  np.testing.assert_allclose(s, ref_s, rtol=2e-6)
+  z = 0.0 if q.zero_point is None else np.broadcast_to(
+      np.asarray(jquant.expand_to_groups(q.zero_point, spec, 64), np.float64), xs.shape)
+  if grid == "asym":  # the zero point is round(-lo / scale): a tie may go either way
+    check_codes(z, np.where(z == ref_z, z, -np.minimum(xs.min(0 if granularity != "tensor" else None), 0) / s),
+                0, spec.qmax)
+  codes = np.asarray(q.codes(), np.float64)
+  check_codes(codes, xs / s + z, spec.qmin, spec.qmax)
+  np.testing.assert_array_equal(deq, ((codes - z) * s).astype(np.float32))
+  used = np.unique(codes)
+  if grid == "signed":  # each group's largest magnitude lands on qmin exactly
+    assert spec.qmin in used
+  if grid == "max":  # qmin is never used; "half" reaches it at -amax (a tie: -(2^(b-1) - 1/2))
+    assert spec.qmin not in used
 
 
 @settings(max_examples=10, deadline=None)
@@ -104,15 +160,17 @@ def test_pad_groups_short_last_group():
   spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128, pad_groups=True)
   q = jquant.quantize(x, spec)
   assert q.scale.shape == (5, 8) and q.shape == (576, 8)
-  scale = np.asarray(jquant.expand_to_groups(q.scale, spec, 576))
-  assert np.all(np.abs(np.asarray(jquant.dequantize(q) - x)) <= scale / 2 * (1 + 1e-5))
-  # The short group's scale comes from its own 64 values only.
-  np.testing.assert_allclose(np.asarray(q.scale[4]), np.abs(np.asarray(x[512:])).max(0) / 7, rtol=1e-6)
+  bound, _ = error_bound(x, q, jnp.float32)
+  assert np.all(np.abs(np.asarray(jquant.dequantize(q) - x)) <= bound)
+  # The short group's scale comes from its own 64 values only: -x_max / 8 (the default "signed" rule).
+  tail = np.asarray(x[512:])
+  x_max = np.take_along_axis(tail, np.abs(tail).argmax(0)[None], 0)[0]
+  np.testing.assert_allclose(np.asarray(q.scale[4]), -x_max / 8, rtol=1e-6)
 
 
 def test_stochastic_rounding_is_unbiased_and_needs_key():
   spec = jquant.QuantSpec(bits=4, granularity="tensor", rounding="stochastic")
-  x = jnp.full((4096, 1), 0.3).at[0, 0].set(7.0)  # scale = 1, so 0.3 rounds up 30% of the time
+  x = jnp.full((4096, 1), 0.3).at[0, 0].set(-8.0)  # scale = -8 / -8 = 1: 0.3 rounds up 30% of the time
   with pytest.raises(ValueError, match="key"):
     jquant.quantize(x, spec)
   mean = float(jquant.dequantize(jquant.quantize(x, spec, key=jax.random.key(0)))[1:].mean())
@@ -184,3 +242,72 @@ def test_bfloat16_scales_and_all_zero_groups_stay_finite():
   assert q.scale.dtype == jnp.bfloat16
   d = jquant.dequantize(q)
   assert bool(jnp.isfinite(d).all()) and float(jnp.abs(d[:, 0]).max()) == 0.0
+
+
+def test_reported_overflow_inputs_have_the_right_values():
+  """Issue 14.3: ranges wider than float32's largest value, and float16 values half a step beyond 65504."""
+  x = jnp.array([[-3e38], [3e38], [1.0]])
+  d = np.asarray(jquant.dequantize(jquant.quantize(x, jquant.QuantSpec(bits=8, symmetric=False))))
+  s = np.float64(np.float32(3e38)) * 2 / 255  # scale 6e38/255, zero point round(127.5) = 128
+  np.testing.assert_allclose(d[:, 0], [-128 * s, 127 * s, 0.0], rtol=1e-6)
+  assert np.all(np.abs(d[:, 0] - np.asarray(x, np.float64)[:, 0]) <= s / 2 * (1 + 1e-4))  # 3e38 is a tie
+  h = jnp.array([[-62000.0], [62000.0]], jnp.float16)  # float16 holds +-62016
+  assert float(h[1, 0]) == 62016.0
+  # scale 124032/15 = 8268.8, zero point round(7.5) = 8: -8 s = -66150 saturates to -65504; 7 s = 57881.6
+  # rounds to float16's 57888.
+  d16 = jquant.dequantize(jquant.quantize(h, jquant.QuantSpec(bits=4, symmetric=False)))
+  assert d16.dtype == jnp.float16
+  np.testing.assert_array_equal(np.asarray(d16, np.float32)[:, 0], [-65504.0, 57888.0])
+
+
+def _extreme_spec(kind, bits, gran):
+  layout = dict(granularity="group", group_size=8) if gran == "group" else dict(granularity=gran)
+  return {"half": jquant.QuantSpec(bits=bits, symmetric_scale="half", **layout),
+          "max": jquant.QuantSpec(bits=bits, symmetric_scale="max", **layout),
+          "signed": jquant.QuantSpec(bits=bits, **layout),  # the default rule
+          "asym": jquant.QuantSpec(bits=bits, symmetric=False, **layout),
+          "min": jquant.QuantSpec(bits=bits, symmetric=False, offset="min", **layout),
+          "bf16": jquant.QuantSpec(bits=bits, scale_dtype="bfloat16", **layout),
+          "mse": jquant.QuantSpec(bits=bits, symmetric=bits % 2 == 0, clip="mse", mse_grid=8, **layout),
+          }[kind]
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["half", "max", "signed", "asym", "min", "bf16", "mse", "gguf"]),
+       bits=st.integers(2, 8), gran=st.sampled_from(["tensor", "channel", "group"]),
+       dtype=st.sampled_from(["float32", "bfloat16", "float16"]), exponent=st.floats(-30, 38.53),
+       spread=st.floats(0, 12), seed=st.integers(0, 2**16), extreme=st.booleans())
+def test_extreme_magnitudes_stay_finite_and_bounded(kind, bits, gran, dtype, exponent, spread, seed, extreme):
+  """Finite inputs of any magnitude give finite values within RTN's bound of the stored parameters, on every
+  path (quantize, compute_scale_zero + quantize_values + from_codes, fake_quant); min-max grids that do not
+  clip also stay within half a step of the stored scale."""
+  info = jnp.finfo(dtype)
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((16, 3)) * 10.0 ** (min(exponent, np.log10(float(info.max))) -
+                                             rng.uniform(0, spread, (16, 3)))
+  if extreme:
+    x[0, 0], x[5, 1] = float(info.max), -float(info.max)
+  x = jnp.asarray(np.clip(x, -float(info.max), float(info.max)), dtype)
+  if kind == "gguf":  # two-level float16 grids: inputs whose scales fit float16
+    name = ["Q4_K", "Q6_K", "Q3_K", "Q2_K", "Q4_0", "Q8_0", "Q5_1"][bits - 2]
+    spec = jquant.gguf.spec_for(name)
+    k = spec.super_group_size or spec.group_size
+    x = jnp.asarray(np.resize(np.asarray(x, np.float32), (k, 3)).clip(-6e4, 6e4), jnp.float16)
+  else:
+    spec = _extreme_spec(kind, bits, gran)
+  q = jquant.quantize(x, spec)
+  d = np.asarray(jquant.dequantize(q), np.float64)
+  assert np.all(np.isfinite(d))
+  bound, dist = error_bound(x, q, x.dtype)
+  assert np.all(np.abs(d - np.asarray(x, np.float64)) <= bound)
+  if kind in ("half", "max", "asym", "min"):  # min-max, float32 scales: clipping beyond half a step is a bug
+    s = np.abs(representable(q)[2])
+    assert np.all(dist <= s * (0.5 + 1e-4) + 2 * float(info.tiny))
+  if not spec.two_level:
+    codes, scale, zero = jquant.quantize_values(x, spec)
+    scale2, zero2 = jquant.compute_scale_zero(x, spec)
+    assert np.all(np.isfinite(np.asarray(scale2))) and (zero2 is None or np.all(np.isfinite(np.asarray(zero2))))
+    q2 = jquant.QArray.from_codes(codes, scale, zero, spec, x.dtype)
+    np.testing.assert_array_equal(np.asarray(jquant.dequantize(q2)), np.asarray(jquant.dequantize(q)))
+    fq = np.asarray(jquant.fake_quant(x, spec), np.float64)
+    np.testing.assert_array_equal(fq, d)

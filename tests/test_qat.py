@@ -1,6 +1,7 @@
 """QAT: STE and LSQ gradients, one trace per step, exact conversion, any Linen / NNX model (Dense, DenseGeneral,
 Einsum) through jquant.quantized, checkpoints."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -202,7 +203,9 @@ def test_convert_exact_after_training():
 
 def test_w8a8_convert_matches_fake_quant_logits():
   params = _mlp_params(jax.random.key(2))
-  spec = jquant.QuantSpec(bits=8, granularity="channel")
+  # Positive scales: with signed ones the fake-quantized and packed fc1 outputs differ by float rounding
+  # (~3e-7), which can flip one fc2 activation code at a rounding tie; bit-identity needs one rounding path.
+  spec = jquant.QuantSpec(bits=8, granularity="channel", symmetric_scale="max")
   state = qat.init(params, [jquant.Rule(r"kernel$", spec)], act_bits=8)
   fq = qat.fake_quantize(params, state)
   assert isinstance(fq["fc1"]["kernel"], qat.ActFakeQuant)
@@ -398,3 +401,33 @@ def test_user_model_qat_trains_and_converts(name, w8a8):
   else:
     # Same weights; only float32 summation order differs (the packed path multiplies (K, N) matrices, K <= 48).
     assert np.abs(a - b).max() <= 64 * 2**-24 * np.abs(a).max()
+
+
+def test_non_finite_weights_scales_and_losses_are_named(tmp_path):
+  params = _mlp_params(jax.random.key(5))
+  rules = [jquant.Rule(r"kernel$", G3)]
+  bad = jax.tree_util.tree_map(lambda a: a, params)
+  bad["fc2"]["kernel"] = bad["fc2"]["kernel"].at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"qat\.init: the selected weights hold non-finite .* at fc2/kernel \(1 value\)"):
+    qat.init(bad, rules)
+  qinit = jquant.quantize_params(params, rules)
+  qinit["fc1"]["kernel"] = jax.tree_util.tree_map(lambda a: a, qinit["fc1"]["kernel"])
+  qinit["fc1"]["kernel"].scale = qinit["fc1"]["kernel"].scale.at[0, 0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"qat\.init: init_from's QArrays hold non-finite .* at fc1/kernel/scale"):
+    qat.init(params, rules, init_from=qinit)
+  state = qat.init(params, rules)
+  with pytest.raises(ValueError, match=r"qat\.convert: the latent weights hold non-finite .* at "
+                                       r"fc2/kernel \(1 value\)"):
+    qat.convert(bad, state)
+  diverged = qat.QATState({**state.quantizers, "fc1/kernel": dataclasses.replace(
+      state.quantizers["fc1/kernel"], scale=state.quantizers["fc1/kernel"].scale.at[1, 2].set(jnp.nan))})
+  with pytest.raises(ValueError, match=r"qat\.convert: the learned quantizer parameters hold non-finite .* at "
+                                       r"fc1/kernel/scale \(1 value\)"):
+    qat.convert(params, diverged)
+  # The compiled step cannot raise; train() checks each fetched loss and names the step (and leaves, if any).
+  opt = qat.optimizer(weights=optax.sgd(1e-3))
+  step = qat.make_train_step(lambda p, b: jnp.mean((_mlp(p, b[0]) - b[1]) ** 2), opt)
+  x, y = _data(params, seed=1)
+  batches = [(x, y), (x, y.at[0, 0].set(jnp.nan)), (x, y)]
+  with pytest.raises(ValueError, match=r"qat\.train: the latent weights at step 2 hold non-finite .* at fc1/kernel"):
+    qat.train(step, qat.init_train_state(params, state, opt), iter(batches), num_steps=3, log_every=3)

@@ -132,3 +132,21 @@ def test_errors_are_clear(mlp):
     sq.search_alpha(m, params, x, amax, activations="weekly")
   with pytest.raises(ValueError, match="alphas="):
     sq.search_alpha(m, params, x, amax, alphas=(0.5, 2.0))
+
+
+def test_non_finite_statistics_and_weights_are_named(mlp):
+  """A NaN max|x| would read as a dead channel (factor 1) and smooth nothing, silently."""
+  m, apply, params, x = mlp
+  amax = _chan_absmax(apply, params, x)
+  bad = dict(amax, **{"layers_1/up/kernel": amax["layers_1/up/kernel"].at[3].set(jnp.nan)})
+  with pytest.raises(ValueError, match=r"smooth: the activation statistics act_absmax hold non-finite .* at "
+                                       r"layers_1/up/kernel \(1 value\)"):
+    sq.smooth(m, params, x, bad)
+  with pytest.raises(ValueError, match=r"search_alpha: the activation statistics .* at layers_1/up/kernel"):
+    sq.search_alpha(m, params, x, bad, progress=False)
+  p = jax.tree_util.tree_map(lambda a: a, params)
+  p["layers_0"]["down"]["kernel"] = p["layers_0"]["down"]["kernel"].at[1, 1].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"smoothquant: params hold non-finite .* at layers_0/down/kernel \(1 value\)"):
+    sq.smooth(m, p, x, amax)
+  with pytest.raises(ValueError, match=r"smoothing_factors: statistics hold non-finite .* at w_absmax \(1 value\)"):
+    sq.smoothing_factors(jnp.ones(4), jnp.ones(4).at[0].set(jnp.nan), 0.5)

@@ -1,6 +1,5 @@
-"""quantize_params rules (Linen dicts and NNX state), footprint, and atomic checkpoints."""
+"""quantize_params rules (Linen dicts and NNX state), footprint, shard_like. Checkpoints: tests/test_checkpoint.py."""
 
-import os
 import warnings
 
 import jax
@@ -62,52 +61,6 @@ def test_footprint_counts_exact_bytes():
   assert "total" in str(fp) and "int4 g32 sym" in str(fp)
 
 
-ALL_SPECS = [jquant.QuantSpec(bits=b, symmetric=s, granularity="group", group_size=16, scale_dtype=d)
-             for b in range(2, 9) for s in (True, False) for d in ("float32", "bfloat16")]
-
-
-def test_checkpoint_round_trip_bit_exact(tmp_path):
-  x = jax.random.normal(jax.random.key(1), (64, 8))
-  tree = {"q": [jquant.quantize(x, s) for s in ALL_SPECS], "f": {"w": x, "n": 3}}
-  path = jquant.save(tmp_path / "ckpt", tree)
-  back = jquant.load(path)
-  for a, b in zip(tree["q"], back["q"]):
-    assert isinstance(b, jquant.QArray) and a.spec == b.spec and a.size == b.size and a.axis == b.axis
-    assert a.dtype == b.dtype
-    for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-      assert la.dtype == lb.dtype
-      np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-  np.testing.assert_array_equal(np.asarray(back["f"]["w"]), np.asarray(x))
-  assert back["f"]["n"] == 3
-  with pytest.raises(FileExistsError, match="overwrite"):
-    jquant.save(path, tree)
-
-
-def test_checkpoint_target_restores_structure(tmp_path):
-  tree = (jquant.quantize(jnp.ones((16, 4)), SPEC4.replace(group_size=16)), jnp.arange(3.0))
-  back = jquant.load(jquant.save(tmp_path / "t", tree), target=tree)
-  assert isinstance(back, tuple) and isinstance(back[0], jquant.QArray)
-
-
-def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
-  import orbax.checkpoint as ocp
-
-  def boom(*a, **k):
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", boom)
-  with pytest.raises(KeyboardInterrupt):
-    jquant.save(tmp_path / "ckpt", {"w": jnp.ones(3)})
-  assert not os.path.exists(tmp_path / "ckpt")
-  assert os.listdir(tmp_path) == []  # the temporary directory is cleaned too
-
-
-def test_load_rejects_non_checkpoints(tmp_path):
-  (tmp_path / "junk").mkdir()
-  with pytest.raises(ValueError, match="not a jquant checkpoint"):
-    jquant.load(tmp_path / "junk")
-
-
 def test_rules_with_model_axes_leave_non_matmul_leaves_float():
   """A broad rule with axes= quantizes only what a matmul contracts; norm scales stay float, with a warning."""
   import warnings as _w
@@ -119,3 +72,31 @@ def test_rules_with_model_axes_leave_non_matmul_leaves_float():
   assert isinstance(q["layer_0"]["attn"]["q"]["w"], jquant.QArray)
   assert not isinstance(q["layer_0"]["attn"]["norm"]["scale"], jquant.QArray)
   assert any("layer_0/attn/norm/scale" in str(w.message) for w in caught)
+
+
+def test_shard_like_keeps_the_mesh_axes_that_divide():
+  """Each QArray part keeps the float weight's mesh axes where they divide its own dims (else replicated)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 4), ("x", "y"))
+  q = jquant.quantize(_params()["layers_0"]["attn"]["q"]["kernel"], SPEC4)  # qvalue (32, 64), scale (2, 64)
+  s = NamedSharding(mesh, P(("x", "y"), None))
+  assert jquant.tree.sharding_like((32, 64), s).spec == P(("x", "y"), None)
+  assert jquant.tree.sharding_like((2, 64), s).spec == P(None, None)       # 2 rows over 8 devices: replicated
+  assert jquant.tree.sharding_like((3,), NamedSharding(mesh, P("x", "y"))).spec == P(None)
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  assert jquant.tree.sharding_like((5,), single) == single
+  placed = jquant.tree.shard_like(q, s)
+  assert placed.qvalue.sharding.spec == P(("x", "y"), None) and placed.scale.sharding.spec == P(None, None)
+  np.testing.assert_array_equal(np.asarray(placed.qvalue), np.asarray(q.qvalue))
+
+
+def test_quantize_params_names_every_non_finite_selected_leaf():
+  p = _params()
+  p["layers_0"]["attn"]["q"]["kernel"] = p["layers_0"]["attn"]["q"]["kernel"].at[5, 7].set(jnp.nan)
+  p["head"]["kernel"] = p["head"]["kernel"].at[0].set(jnp.inf)
+  p["layers_0"]["norm"]["scale"] = p["layers_0"]["norm"]["scale"].at[0].set(jnp.nan)  # not selected: not checked
+  with pytest.raises(ValueError, match=r"quantize_params: the selected leaves hold non-finite values \(NaN or inf\) at "
+                                       r"head/kernel \(50 values\), layers_0/attn/q/kernel \(1 value\)"):
+    jquant.quantize_params(p, [jquant.Rule(r"kernel$", SPEC4)])
+  q = jquant.quantize_params(p, [jquant.Rule(r"head", None), jquant.Rule(r"embed", SPEC4.replace(axis=1))])
+  assert isinstance(q["embed"]["embedding"], jquant.QArray)

@@ -392,3 +392,45 @@ def test_convert_nd_kernels_need_axes():
   assert o.shape == (4, 8, 32) and o.qvalue.shape == (32, 32) and o.scale.shape == (1, 32)  # one scale per output
   qk = q["layers_0"]["q"]["kernel"].weight                      # Gemma-style (heads, d, head_dim) over d
   assert qk.scale.shape == (4, 1, 8)
+
+
+class _SqrtBlock(nn.Module):
+  """``x + down(sqrt(up(x)))``: finite weights and inputs, NaN activations where ``up(x) < 0``."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(x.shape[-1], name="down")(jnp.sqrt(nn.Dense(16, name="up")(x)))
+
+
+class _SqrtNet(nn.Module):
+  n_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.n_layers):
+      x = _SqrtBlock(name=f"layers_{i}")(x)
+    return x
+
+
+@pytest.mark.parametrize("n_layers", [2, 1])  # block by block, and the whole model as one piece
+def test_calibrate_rejects_non_finite_activations_naming_the_layers(n_layers):
+  """Observers drop NaN (min-max amax reads it as 0): calibrate counts them on device and refuses them."""
+  net = _SqrtNet(n_layers)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 16))
+  params = net.init(jax.random.key(1), x)["params"]
+  rules = [jquant.Rule(r"kernel$", W8A8Spec())]
+  with pytest.raises(ValueError, match=r"calibrate: the calibration activations hold non-finite values \(NaN or "
+                                       r"inf\) at the inputs of layers_0/down/kernel \(\d+ values\)"):
+    calibrate(net, params, x, rules, batch_size=2, progress=False)
+  with pytest.raises(ValueError, match=r"calibrate: the calibration inputs hold non-finite .* at calib \(1 value\)"):
+    calibrate(net, params, x.at[0, 1, 2].set(jnp.nan), rules, progress=False)
+
+
+def test_calibrate_and_convert_name_non_finite_weights(toy, toy_stats):
+  m, calib, _ = toy
+  p = jax.tree_util.tree_map(lambda a: a, m.params)
+  p["layers_1"]["mlp"]["down"]["kernel"] = p["layers_1"]["mlp"]["down"]["kernel"].at[0, 0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"calibrate: params hold non-finite .* at layers_1/mlp/down/kernel \(1 value\)"):
+    calibrate(m, p, calib, STATIC, progress=False)
+  with pytest.raises(ValueError, match=r"convert: leaf 'layers_1/mlp/down/kernel'.*non-finite"):
+    convert(p, toy_stats[0], STATIC)

@@ -11,6 +11,10 @@ the quantization grid, which protects the products that matter most. This
 module holds the array-level pieces; `jquant.awq.model` walks a model with
 them. Everything is a pure function; statistics and searches run in float32.
 
+Inputs are checked for NaN and inf when they are concrete (a ValueError names
+the argument); under ``jax.jit`` they are tracers and cannot be read, so
+`jquant.awq.model` checks each block's statistics as soon as it computes them.
+
 Example:
     >>> import jax, jax.numpy as jnp, jquant
     >>> from jquant.awq import core
@@ -32,10 +36,13 @@ import jax.numpy as jnp
 
 from jquant.qarray import expand_to_groups, fake_quant, grid_search
 from jquant.spec import QuantSpec
+from jquant.utils import check_finite
 
 SCALE_FLOOR = 1e-4  # smallest scale before normalization; keeps zero channels finite
 _TINY_STAT = 1e-30  # zero statistics are read as this, so their logs stay finite
 VARIANTS = ("act", "act_over_weight", "both")
+_ACT_ADVICE = "Check the calibration data and the float model's activations (e.g. float16 overflow)."
+_W_ADVICE = "Fix these weights, or keep the layer in float."
 
 
 def _f32(x):
@@ -72,10 +79,15 @@ def activation_stats(x, *, skip_positions: int = 0) -> jax.Array:
   Returns:
     ``(d,)`` float32 ``mean |x|`` over every axis but the last.
 
+  Raises:
+    ValueError: concrete ``x`` holding NaN or inf; ``skip_positions`` with
+      ``x`` of rank < 3.
+
   Example:
     >>> activation_stats(jnp.array([[1.0, -2.0], [3.0, 0.0]]))
     Array([2., 1.], dtype=float32)
   """
+  check_finite({"x": x}, "awq.activation_stats", "activations", _ACT_ADVICE)
   x = _f32(x)
   if skip_positions:
     if x.ndim < 3:
@@ -99,7 +111,11 @@ def weight_stats(kernels: Sequence[jax.Array], spec: Optional[QuantSpec] = None)
 
   Returns:
     ``(in,)`` float32.
+
+  Raises:
+    ValueError: a concrete kernel holding NaN or inf (``kernels/<i>``).
   """
+  check_finite({"kernels": list(kernels)}, "awq.weight_stats", "weights", _W_ADVICE)
   cols = []
   for w in kernels:
     w = jnp.abs(_f32(w))
@@ -152,7 +168,12 @@ def candidate_grid(x_mean, w_mean=None, *, n_grid: int = 20, variant: str = "act
   Returns:
     ``(scales, alphas, weighted)``: ``(n, d)`` candidates, their ``(n,)``
     exponents and a ``(n,)`` bool saying which use the weight term.
+
+  Raises:
+    ValueError: bad ``variant``; concrete statistics holding NaN or inf
+      (a NaN statistic would give NaN scales for every alpha > 0).
   """
+  check_finite({"x_mean": x_mean, "w_mean": w_mean}, "awq.candidate_grid", "statistics", _ACT_ADVICE)
   if variant not in VARIANTS:
     raise ValueError(f"candidate_grid: variant={variant!r}; allowed: {VARIANTS}.")
   if variant != "act" and w_mean is None:
@@ -182,6 +203,7 @@ def scaled_fake_quant(kernel, s, spec: Optional[QuantSpec]) -> jax.Array:
   if spec is None:
     return kernel
   _check_kernel_spec(kernel, spec, "scaled_fake_quant")
+  check_finite({"kernel": kernel, "s": s}, "awq.scaled_fake_quant", "inputs", _W_ADVICE)
   s = _f32(s)[:, None]
   w = _f32(kernel) * s
   return (fake_quant(w, spec) / s).astype(kernel.dtype)
@@ -239,12 +261,29 @@ def search_scales(loss_fn: Callable[[jax.Array], jax.Array], x_mean, w_mean=None
   Returns:
     A `ScaleSearch`. Ties go to the earliest candidate, so with the ``"act"``
     grid ``alpha = 0`` (plain round-to-nearest) wins unless strictly beaten.
+
+  Raises:
+    ValueError: concrete statistics holding NaN or inf (see
+      `candidate_grid`), or, outside ``jax.jit``, every candidate's loss
+      non-finite (there is nothing to choose from). Under ``jax.jit``
+      non-finite losses count as inf and an all-inf search returns candidate
+      0: check ``errors`` there.
   """
   cands, alphas, weighted = candidate_grid(x_mean, w_mean, n_grid=n_grid, variant=variant)
   errors = _f32(jax.lax.map(loss_fn, cands))
+  check_all_inf(errors, "awq.search_scales")
   errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)
   i = jnp.argmin(errors)
   return ScaleSearch(cands[i], i, alphas[i], weighted[i], errors, alphas, weighted)
+
+
+def check_all_inf(errors, fn: str, where: str = "") -> None:
+  """Raises if concrete candidate ``errors`` hold no finite value (a search with nothing to choose from)."""
+  if isinstance(errors, jax.core.Tracer) or bool(jnp.isfinite(errors).any()):
+    return
+  raise ValueError(f"{fn}: every candidate's error is non-finite (NaN or inf){where}, so no scale can be chosen; "
+                   "the weights or activations scored hold NaN/inf or overflow float32. "
+                   f"{_ACT_ADVICE}")
 
 
 class ClipRange(NamedTuple):
@@ -299,8 +338,13 @@ def search_clip(kernel, x, spec: QuantSpec, *, n_grid: int = 20, max_shrink: flo
 
   Returns:
     A `ClipRange`, or None for per-tensor specs (no per-group range to tune).
+
+  Raises:
+    ValueError: a kernel that is not 2-D or not along axis 0; concrete
+      ``kernel`` or ``x`` holding NaN or inf; a bad ``max_shrink``.
   """
   _check_kernel_spec(kernel, spec, "search_clip")
+  check_finite({"kernel": kernel, "x": x}, "awq.search_clip", "inputs", _ACT_ADVICE)
   if spec.granularity == "tensor":
     return None
   if not 0.0 <= max_shrink < 1.0:

@@ -81,6 +81,8 @@ from jquant.awq import core
 from jquant.qarray import dequantize, from_matrix, quantize, to_matrix
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import quantize_params
+from jquant.tokens import check_calibration_tokens
+from jquant.utils import check_finite
 
 PROPAGATE = ("float", "quantized")
 
@@ -495,7 +497,11 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
   Raises:
     TypeError: unknown options, quantized parameters, a rule spec that is not
       a `QuantSpec`.
-    ValueError: empty calibration data, bad options.
+    ValueError: empty calibration data, bad options; parameters holding NaN
+      or inf (checked up front, naming every such leaf); activation
+      statistics holding NaN or inf (checked per block as soon as they are
+      computed, naming the block's layers); token ids outside the model's
+      vocabulary (jquant's models).
     jquant.graph.GraphError: the model's blocks cannot be found or run in order.
     jquant.folds.FoldError: a given fold is not exact.
   """
@@ -506,6 +512,10 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
   if params is None:
     raise ValueError("awq.scale_model: params is None and the model holds none; pass its parameters.")
   _check_float(params)
+  check_finite(params, "awq.scale_model", "params", "Fix these weights before AWQ.", is_leaf=intercept.is_quantized)
+  check_calibration_tokens(model, calib, fn="awq.scale_model")
+  check_finite({"calib": calib}, "awq.scale_model", "the calibration inputs",
+               "Clean the calibration data; every example must be finite.")
   batches, n_score = _calibration(calib, cfg)
   start = time.perf_counter()
   programs = dataflow.Programs(apply, params, blocks)
@@ -567,6 +577,12 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
         sums[gi] = sm if sums[gi] is None else sums[gi] + sm
         counts[gi] += cnt
     x_means = [sm / jnp.maximum(c, 1.0) for sm, c in zip(sums, counts)]
+    # Checked here, naming the layers: a NaN statistic would otherwise surface later as another error.
+    check_finite({"+".join(_full(block, flat.sites[i].param) for i in main.groups[gi].sites): x_means[gi]
+                  for gi in range(len(groups))}, "awq.scale_model",
+                 f"the activation statistics (mean |x|) of block {block!r}",
+                 "The calibration activations entering these layers are NaN/inf: check the calibration data, the "
+                 "earlier blocks' outputs and float16/bfloat16 overflow.")
 
     # 2. Scale search per foldable, quantized group (on the float block), then all folds.
     new_bp = dict(bp)
@@ -585,6 +601,8 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
         fronts.append([fr.get(v) for v in pg.slice.frontier])
         refs.append([fr[t] for t in pg.targets])
       res = _search_step(main, tuple(parts), gspecs, shapes, fold, cfg)(mats, pvals, fronts, refs, x_means[gi])
+      core.check_all_inf(res.errors, "awq.scale_model", f" for group {fold.under(block).name!r} "
+                         f"({', '.join(_full(block, s.param) for s in sites)})")
       group_s[gi] = res.scales
       scales[fold.under(block).name] = res.scales
       rtn = float(res.errors[0]) if cfg.variant != "act_over_weight" else float("nan")

@@ -21,11 +21,15 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant.files import FileFormatError, read_gguf
 from jquant.gguf import blocks, names, types
+from jquant.qarray import QArray
 from jquant.qarray import dequantize as dequantize_qarray
+from jquant.utils import check_finite
 
 ARCHITECTURES = ("llama",)
 
@@ -39,11 +43,26 @@ def _f32(x) -> float:
   return float(str(np.float32(x)))
 
 
-def read_config(reader):
+def _int_field(reader, name, path, default=None):
+  v = _field(reader, name, default)
+  try:
+    return int(v)
+  except (TypeError, ValueError):
+    raise FileFormatError(f"jquant.gguf.load: {path}: metadata {name}={v!r}; a Llama GGUF needs an integer there: "
+                          "the file is incomplete or not a Llama model, write it again.") from None
+
+
+def read_config(reader, path: str = "<reader>"):
   """A `jquant.models.LlamaConfig` from a GGUF's ``llama.*`` metadata.
+
+  Args:
+    reader: A ``gguf.GGUFReader``.
+    path: The file, for error messages.
 
   Raises:
     NotImplementedError: an architecture other than `ARCHITECTURES`, or RoPE scaling.
+    jquant.files.FileFormatError: a required integer field or the
+      ``token_embd.weight`` tensor is missing.
   """
   from jquant.models.llama import LlamaConfig
   arch = _field(reader, "general.architecture")
@@ -55,15 +74,18 @@ def read_config(reader):
     raise NotImplementedError("jquant.gguf.load: RoPE scaling (rope.scaling.type, rope_freqs) is not modelled; "
                               "supported: plain RoPE.")
   names_ = {t.name for t in reader.tensors}
-  n_heads = int(_field(reader, f"{arch}.attention.head_count"))
-  dim = int(_field(reader, f"{arch}.embedding_length"))
-  emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  n_heads = _int_field(reader, f"{arch}.attention.head_count", path)
+  dim = _int_field(reader, f"{arch}.embedding_length", path)
+  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb is None:
+    raise FileFormatError(f"jquant.gguf.load: {path}: no token_embd.weight tensor; the file is incomplete or not a "
+                          "Llama model: write it again.")
   tokens = _field(reader, "tokenizer.ggml.tokens")
   return LlamaConfig(
       vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens else int(emb.shape[1]))),
-      dim=dim, n_layers=int(_field(reader, f"{arch}.block_count")), n_heads=n_heads,
-      n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
-      ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+      dim=dim, n_layers=_int_field(reader, f"{arch}.block_count", path), n_heads=n_heads,
+      n_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, n_heads),
+      ffn_dim=_int_field(reader, f"{arch}.feed_forward_length", path),
       head_dim=int(_field(reader, f"{arch}.attention.key_length", dim // n_heads)),
       rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
       norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -101,15 +123,19 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
     NotImplementedError: an architecture, a tensor type or a tensor jquant
       does not model (the message names it and lists what is supported), or a
       tokenizer it cannot build (with ``tokenizer=True``; says to pass False).
+    jquant.files.FileFormatError: (a ValueError) a truncated or corrupted
+      file: bad magic, a header that does not parse, tensor data past the
+      end of the file, missing metadata or tensors; the message names the
+      file. No partial model is returned.
+    ValueError: tensors holding NaN or inf (float weights, or the scales of
+      quantized ones; the message names the tensors).
   """
   import gguf
   from jquant.models.llama import Model
   from jquant.models.loaders import default_gguf_path, gguf_tokenizer
   path = default_gguf_path() if path is None else os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"jquant.gguf.load: path={path!r} is not a file.")
-  reader = gguf.GGUFReader(path)
-  config = read_config(reader)
+  reader = read_gguf(path, "jquant.gguf.load")
+  config = read_config(reader, path)
   for t in reader.tensors:
     if t.tensor_type.name not in types.TYPES:
       raise NotImplementedError(f"jquant.gguf.load: tensor {t.name!r} has type {t.tensor_type.name}; supported: "
@@ -119,7 +145,7 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
   if tokenizer:
     try:
       tok = gguf_tokenizer(reader)
-    except (NotImplementedError, ValueError, KeyError, TypeError) as e:
+    except (NotImplementedError, ValueError, KeyError, TypeError) as e:  # FileFormatError included
       raise NotImplementedError(f"jquant.gguf.load: cannot build the tokenizer ({e}); pass tokenizer=False to "
                                 "load the weights without it.") from None
   params = {}
@@ -127,10 +153,18 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
   if progress:
     from tqdm.auto import tqdm
     tensors = tqdm(tensors, desc="loading GGUF", unit="tensor")
+  by_name = {}
   for t in tensors:
     p, kind = names.param_path(t.name)
-    _set(params, p, _tensor(t, p, kind, config, dequantize, gguf))
-  _check_complete(params, config)
+    if p.startswith("layers_") and int(p.split("/")[0].removeprefix("layers_")) >= config.n_layers:
+      raise FileFormatError(f"jquant.gguf.load: {path}: tensor {t.name!r} lies beyond "
+                            f"block_count={config.n_layers}; the file is corrupted: write it again.")
+    x = _tensor(t, p, kind, config, dequantize, gguf)
+    _set(params, p, x)
+    by_name[t.name] = _float_parts(x)
+  check_finite(by_name, "jquant.gguf.load", f"the tensors of {path}",
+               "The file holds NaN or inf weights or scales: write it again from finite weights.")
+  _check_complete(params, config, path)
   return Model(config, params, tok)
 
 
@@ -150,7 +184,14 @@ def _tensor(t, p, kind, config, dequantize, gguf):
   return jnp.asarray(np.ascontiguousarray(w.T) if kind == "kernel" else w)
 
 
-def _check_complete(params, config):
+def _float_parts(x):
+  """The floating arrays of a loaded tensor: itself, or a QArray's scales and float mins."""
+  if isinstance(x, QArray):
+    return [a for a in jax.tree_util.tree_leaves(x) if jnp.issubdtype(a.dtype, jnp.floating)]
+  return x
+
+
+def _check_complete(params, config, path):
   missing = [p for p in ("embed", "final_norm") if p not in params]
   for i in range(config.n_layers):
     blk = params.get(f"layers_{i}", {})
@@ -158,7 +199,8 @@ def _check_complete(params, config):
     missing += [f"layers_{i}/mlp/{x}" for x in ("gate", "up", "down") if x not in blk.get("mlp", {})]
     missing += [f"layers_{i}/{n}" for n in ("attn_norm", "mlp_norm") if n not in blk]
   if missing:
-    raise ValueError(f"jquant.gguf.load: the file lacks tensors for {missing[:6]}{'...' if len(missing) > 6 else ''}.")
+    raise FileFormatError(f"jquant.gguf.load: {path}: the file lacks tensors for {missing[:6]}"
+                          f"{'...' if len(missing) > 6 else ''}; it is incomplete: write it again.")
 
 
 __all__ = ["load", "read_config", "ARCHITECTURES"]

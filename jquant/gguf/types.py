@@ -53,7 +53,7 @@ BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0":
 
 _F16 = dict(granularity="group", scale_dtype="float16")
 _PRESETS = {
-    "Q8_0": QuantSpec(bits=8, group_size=32, **_F16),
+    "Q8_0": QuantSpec(bits=8, group_size=32, symmetric_scale="max", **_F16),
     "Q4_0": QuantSpec(bits=4, group_size=32, full_range=True, **_F16),
     "Q5_0": QuantSpec(bits=5, group_size=32, dense_pack=True, full_range=True, **_F16),
     "Q4_1": QuantSpec(bits=4, symmetric=False, offset="min", group_size=32, **_F16),

@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jquant.qarray import QArray, compute_scale_zero, dequantize, dequantize_values, quantize_values
 from jquant.spec import QuantSpec
+from jquant.utils import check_finite
 
 _HI = lax.Precision.HIGHEST  # TPU/GPU would otherwise use reduced-precision passes for f32
 _SUB_BLOCK = 16  # rows per inner sub-block: rank-1 updates stay in cache
@@ -78,7 +79,15 @@ def hessian_update(state: HessianState, x, weights=None) -> HessianState:
     x: Layer inputs; all leading axes are rows (batch, positions).
     weights: Optional 0/1 (or real) weight per row, shaped ``x.shape[:-1]``:
       e.g. a mask that leaves out attention-sink positions.
+
+  Raises:
+    ValueError: concrete ``x`` or ``weights`` holding NaN or inf (naming
+      which). Under ``jax.jit`` they are tracers and cannot be checked: a
+      non-finite input then makes the Hessian non-finite, which `solve`
+      rejects.
   """
+  check_finite({"x": x, "weights": weights}, "gptq.hessian_update", "inputs",
+               "Check the calibration data and the activations before this layer (e.g. float16 overflow).")
   x = jnp.asarray(x, jnp.float32).reshape(-1, state.xtx.shape[0])
   if weights is None:
     n = jnp.float32(x.shape[0])
@@ -98,7 +107,19 @@ def hessian_finalize(state: HessianState) -> jax.Array:
 
 
 def hessian(x, weights=None) -> jax.Array:
-  """``2/N sum x x^T`` of the rows of ``x`` (..., K) in one go."""
+  """``2/N sum x x^T`` (K, K) float32 of the rows of ``x`` (..., K) in one go.
+
+  Raises:
+    ValueError: concrete ``x`` or ``weights`` holding NaN or inf, naming
+      which (under ``jax.jit`` tracers cannot be checked).
+
+  Example:
+    >>> hessian(jnp.ones((4, 2)))
+    Array([[2., 2.],
+           [2., 2.]], dtype=float32)
+  """
+  check_finite({"x": x, "weights": weights}, "gptq.hessian", "inputs",
+               "Check the calibration data and the activations before this layer (e.g. float16 overflow).")
   x = jnp.asarray(x)
   return hessian_finalize(hessian_update(hessian_init(x.shape[-1]), x, weights))
 
@@ -436,7 +457,7 @@ def _solve_jit(w, h, fac: Factor, *, spec, block_size, act_order, static_groups,
                   None if sym else zero.reshape(p_shape), loss, fac.damp, fac.ok)
 
 
-def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth):
+def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth, fn="gptq.solve"):
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"gptq.solve: spec must be a jquant.QuantSpec, got {type(spec).__name__}.")
   w = jnp.asarray(w)
@@ -462,20 +483,31 @@ def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth):
     raise ValueError(f"gptq.solve: damp_growth={damp_growth!r}; allowed: a float > 1.")
   if spec.granularity == "group":
     spec.num_groups(w.shape[0])  # raises with the pad_groups hint
+  # Concrete inputs only: tracers (under an outer jit) are skipped by check_finite.
+  check_finite({"w": w, "hessian": h}, fn, "inputs",
+               "A NaN weight would leave its column all code 0 and the loss NaN; a non-finite Hessian comes from "
+               "non-finite calibration activations. Fix them, or keep the layer in float.")
   return w, h
 
 
 def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
                 act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
                 damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None,
-                factor: Optional[Factor] = None) -> Solution:
+                factor: Optional[Factor] = None, _fn: str = "gptq.solve_codes") -> Solution:
   """`solve` without packing or error checks on the result: returns a `Solution`.
 
   Usable under an outer ``jax.jit``; inspect ``Solution.ok`` yourself there.
   ``factor``: a `factor_hessian` of ``hessian`` computed with the same
   ``damp``, ``act_order`` and retry schedule, to share it between kernels.
+
+  Raises:
+    ValueError: bad arguments (as `solve`), or concrete ``w`` / ``hessian``
+      holding NaN or inf (the message names which and how many values).
+      Under an outer ``jax.jit`` they are tracers and cannot be checked: a
+      non-finite ``hessian`` then shows as ``ok == False``, a non-finite
+      ``w`` as a NaN ``loss``.
   """
-  w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth)
+  w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth, fn=_fn)
   if mesh is not None and axis_names is None:
     axis_names = tuple(mesh.axis_names)
   elif axis_names is not None:
@@ -547,8 +579,10 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
     (a float32 scalar array).
 
   Raises:
-    ValueError: bad arguments, or no dampening made the factorization finite
-      (the message lists the damp values tried).
+    ValueError: bad arguments; ``w`` or ``hessian`` holding NaN or inf (the
+      message names which; checked on concrete arrays only, not under an
+      outer ``jax.jit``, where tracers cannot be read); or no dampening made
+      the factorization finite (the message lists the damp values tried).
 
   Example:
     >>> h = jquant.gptq.hessian(x)                   # x: (tokens, 256)
@@ -559,7 +593,7 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
   """
   sol = solve_codes(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
                     static_groups=static_groups, damp_tries=damp_tries, damp_growth=damp_growth,
-                    mesh=mesh, axis_names=axis_names)
+                    mesh=mesh, axis_names=axis_names, _fn="gptq.solve")
   if not isinstance(sol.ok, jax.core.Tracer) and not bool(sol.ok):
     raise damp_error(damp, damp_tries, damp_growth)
   return pack(sol, spec, jnp.asarray(w).dtype), sol.loss

@@ -76,6 +76,8 @@ from jquant.gptq import core
 from jquant.qarray import QArray, dequantize, quantize, to_matrix
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import quantize_params, shard_like
+from jquant.tokens import check_calibration_tokens
+from jquant.utils import check_finite
 
 SOLVER_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "damp_tries", "damp_growth")
 
@@ -211,7 +213,7 @@ def _layer_losses(w, q, h, *, spec, k_axes):
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_weights(path, x, row_w, pos_w, skip):
+def _row_weights(path, x, row_w, pos_w, skip, cap=None):
   """Per-row Hessian weights shaped ``x.shape[:-1]`` (None: every row counts once)."""
   w = None
   if skip or pos_w is not None:
@@ -239,21 +241,39 @@ def _row_weights(path, x, row_w, pos_w, skip):
           "batch_size divides, or a list of batches.")
     rw = jnp.reshape(row_w, (-1,) + (1,) * (x.ndim - 2))
     w = jnp.broadcast_to(rw, x.shape[:-1]) if w is None else w * rw
+  if cap is not None:
+    w = _cap_weights(x, w, cap)
   return w
 
 
-@functools.lru_cache(maxsize=None)
-def _hessian_reduce(skip: int):
-  """The reduction of a block's recorded inputs to Hessian sums (one object per ``skip``: a stable jit key)."""
+def _cap_weights(x, w, cap):
+  """Down-weights rows whose norm exceeds ``cap`` x the median norm of the counted rows, so that they add
+  ``cap^2 median^2`` to the Hessian's trace, not their own (much larger) squared norm."""
+  norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+  counted = jnp.ones(norms.shape, bool) if w is None else w > 0
+  med = jnp.nanmedian(jnp.where(counted, norms, jnp.nan))
+  bound = cap * med
+  down = jnp.where(norms > bound, jnp.square(bound / jnp.maximum(norms, 1e-30)), 1.0)
+  return down if w is None else w * down
 
-  def reduce(outs, inputs, sums, row_w, pos_w):
+
+@functools.lru_cache(maxsize=None)
+def _hessian_reduce(skip: int, cap: Optional[float] = None):
+  """The reduction of a block's recorded inputs to Hessian sums (one object per ``(skip, cap)``: a stable
+  jit key)."""
+
+  def reduce(outs, inputs, sums, row_w, pos_w, active):
     del outs
     new = {}
     for r, (st, rows) in sums.items():
       x = inputs[r]
-      w = _row_weights(r, x, row_w, pos_w, skip)
+      w = _row_weights(r, x, row_w, pos_w, skip, cap)
       n = int(np.prod(x.shape[:-1])) if w is None else jnp.sum(w > 0)
-      new[r] = (core.hessian_update(st, x, w), rows + n)
+      # Only the active groups accumulate (a real branch: the others cost nothing), so every stage of a
+      # true-sequential pass shares one compiled step.
+      new[r] = jax.lax.cond(active[r], lambda st=st, rows=rows, x=x, w=w, n=n: (core.hessian_update(st, x, w),
+                                                                               rows + n),
+                            lambda st=st, rows=rows: (st, rows))
     return new
 
   return reduce
@@ -408,7 +428,9 @@ def _targets(seg, flat, axes, groups, rules):
 
 def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional[str] = None,
                    batch_size: int = 8, mesh: Optional[Mesh] = None, data_axis: Optional[str] = None,
-                   skip_positions: int = 0, position_weights=None, return_report: bool = False,
+                   skip_positions: int = 0, position_weights=None, token_norm_cap: Optional[float] = None,
+                   true_sequential: bool = True,
+                   return_report: bool = False,
                    progress: bool = True, verbose: Optional[bool] = None, **solver_options):
   """GPTQ-quantizes every rule-selected weight of any model, block by block.
 
@@ -446,6 +468,20 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       at position 0.
     position_weights: Optional non-negative weight per position ``(T,)`` for
       the Hessians (``H = 2 sum_t a_t x_t x_t^T / sum_t a_t``).
+    token_norm_cap: Optional bound on each calibration row's influence: rows
+      (tokens) whose input norm exceeds ``token_norm_cap`` times the median
+      row norm of the batch are weighted down in that layer's Hessian so they
+      count as a row of exactly that norm. A massive-activation attention
+      sink (position 0 of windows without BOS, hundreds of times the other
+      tokens' norm) then no longer dominates H. Works on any input layout
+      (no position axis needed). None: no cap.
+    true_sequential: Within a block, solve the groups of layers that share an
+      input one after another in call order (q/k/v, then o, then gate/up,
+      then down), each calibrated on inputs produced with the groups before
+      it already quantized, as the GPTQ reference's ``--true-sequential``
+      does. One block run per group; False: one capture with the float block
+      for all groups (faster, calibrates later layers on inputs the
+      quantized model never produces).
     return_report: Return a `GPTQResult` ``(params, report)`` instead of the
       params alone.
     progress: A tqdm bar over blocks.
@@ -480,6 +516,12 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   if isinstance(skip_positions, bool) or not isinstance(skip_positions, (int, np.integer)) or skip_positions < 0:
     raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int >= 0.")
   skip_positions = int(skip_positions)
+  if token_norm_cap is not None:
+    if isinstance(token_norm_cap, bool) or not isinstance(token_norm_cap, (int, float, np.integer, np.floating)) \
+        or not np.isfinite(token_norm_cap) or token_norm_cap < 1:
+      raise ValueError(f"quantize_model: token_norm_cap={token_norm_cap!r}; allowed: None or a finite float >= 1 "
+                       "(a multiple of the median token norm).")
+    token_norm_cap = float(token_norm_cap)
   if position_weights is not None:
     position_weights = np.asarray(position_weights, np.float32)
     if position_weights.ndim != 1 or not np.all(position_weights >= 0) or not position_weights.any():
@@ -501,6 +543,12 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
                        "float parameter tree (Linen: model.init(...)['params']).")
   elif _is_linen(model) and isinstance(params, Mapping) and list(params) == ["params"]:
     params, wrapped = params["params"], True
+  check_finite(params, "gptq.quantize_model", "the float parameters",
+               "A model with NaN or inf weights gives NaN outputs; fix or reload these leaves.",
+               is_leaf=intercept.is_quantized)
+  check_finite({"calib": calib}, "gptq.quantize_model", "the calibration inputs",
+               "Clean the calibration data; every example must be finite.")
+  check_calibration_tokens(model, calib, fn="gptq.quantize_model")  # ids vs config.vocab_size (jquant's models)
   start = time.perf_counter()
 
   n_data = 1
@@ -520,6 +568,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
   flat = dict(zip(prog.param_paths, leaves))
   new_flat = dict(flat)
+  deq_flat = dict(flat)  # new_flat with its QArrays dequantized
   states = runs.prefix(flat, [put_data(b) for b in batches])
   row_ws = [None if w is None else put_data(jnp.asarray(w)) for w in row_ws]
 
@@ -535,32 +584,42 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
     targets, groups = _targets(seg, flat, axes, groups, rules)
     rel_float = prog.block_params(flat, seg)
     if groups:
+      # True-sequential: each group of layers sharing an input is calibrated on what the block produces with
+      # the groups before it already quantized (q/k/v, then o, then gate/up, then down); otherwise one
+      # capture with the float block serves all groups. The block runs on `deq_flat` (quantized weights
+      # dequantized: the same parameter structure at every stage, so one compiled step serves them all).
       reps = tuple(g[0] for g in groups)
       sums = {r: (core.hessian_init(_k_size(rel_float[r], targets[r][2])), jnp.zeros((), jnp.int32))
               for r in reps}
-      sums = runs.hessians(i, flat, states, sums, row_ws, pos_w, skip_positions)
-      for g, r in zip(groups, reps):
-        hess = core.hessian_finalize(sums[r][0])
-        if tokens is None:
-          tokens = int(sums[r][1])
-        _check_finite(hess, [targets[p][0] for p in g], [rel_float[p] for p in g])
-        # One factorization per Hessian, shared by all its weights.
-        fac = core.factor_hessian(hess, jnp.float32(opts["damp"]), act_order=bool(opts["act_order"]),
-                                  damp_tries=int(opts["damp_tries"]), damp_growth=float(opts["damp_growth"]))
-        # One solve per distinct spec: weights sharing H and spec go side by side.
-        by_spec: dict = {}
-        for p in g:
-          by_spec.setdefault(targets[p][1].replace(axis=0), []).append(p)
-        for spec, paths in by_spec.items():
-          together = [paths] if spec.granularity != "tensor" else [[p] for p in paths]
-          for part in together:
-            reports.extend(_solve_part(part, targets, rel_float, hess, fac, spec, seg.name, opts, mesh,
-                                       axis_names, solver_options, new_flat))
+      for stage in ([[k] for k in range(len(groups))] if true_sequential else [list(range(len(groups)))]):
+        active = {r: jnp.asarray(k in stage) for k, r in enumerate(reps)}
+        sums = runs.hessians(i, deq_flat, states, sums, row_ws, pos_w, skip_positions, token_norm_cap, active)
+        for k in stage:
+          g, r = groups[k], reps[k]
+          hess = core.hessian_finalize(sums[r][0])
+          if tokens is None:
+            tokens = int(sums[r][1])
+          _check_finite_hessian(hess, [targets[p][0] for p in g])
+          # One factorization per Hessian, shared by all its weights.
+          fac = core.factor_hessian(hess, jnp.float32(opts["damp"]), act_order=bool(opts["act_order"]),
+                                    damp_tries=int(opts["damp_tries"]), damp_growth=float(opts["damp_growth"]))
+          # One solve per distinct spec: weights sharing H and spec go side by side.
+          by_spec: dict = {}
+          for p in g:
+            by_spec.setdefault(targets[p][1].replace(axis=0), []).append(p)
+          for spec, paths in by_spec.items():
+            together = [paths] if spec.granularity != "tensor" else [[p] for p in paths]
+            for part in together:
+              reports.extend(_solve_part(part, targets, rel_float, hess, fac, spec, seg.name, opts, mesh,
+                                         axis_names, solver_options, new_flat))
+              for p in part:
+                full = targets[p][0]
+                deq_flat[full] = dequantize(new_flat[full], jnp.result_type(flat[full]))
       ratio = sum(l.loss for l in reports) / max(sum(l.rtn_loss for l in reports), 1e-30)
       bar.set_postfix_str(f"loss/rtn {ratio:.3f}")
     if i + 1 < len(segs):
       # Sequential: the next block sees the quantized block's outputs.
-      states = runs.forward(i, new_flat, states)
+      states = runs.forward(i, deq_flat, states)
   del states
 
   out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
@@ -613,13 +672,13 @@ class _Runs:
       states.append(dict(zip(seg.state_out, outs)))
     return states
 
-  def hessians(self, i, flat, states, sums, row_ws, pos_w, skip):
+  def hessians(self, i, flat, states, sums, row_ws, pos_w, skip, cap, active):
     """Block ``i``'s Hessian sums over all batches (float params, inputs recorded on device)."""
     cache = {}
     for st, rw, t in zip(states, row_ws, self.of_batch):
       seg = t.prog.block_segments[i]
-      step = t.prog.jitted(seg, _hessian_reduce(skip), record=True)
-      sums = step(self._params(cache, t, seg, flat), graph.state_list(seg, st), sums, rw, pos_w)
+      step = t.prog.jitted(seg, _hessian_reduce(skip, cap), record=True)
+      sums = step(self._params(cache, t, seg, flat), graph.state_list(seg, st), sums, rw, pos_w, active)
     return sums
 
   def forward(self, i, flat, states) -> list:
@@ -647,15 +706,12 @@ def _is_linen(model) -> bool:
   return isinstance(model, nn.Module)
 
 
-def _check_finite(hess, paths, weights):
-  bad = [p for p, w in zip(paths, weights) if not bool(jnp.isfinite(w).all())]
-  if bad:
-    raise ValueError(f"quantize_model: the weights {bad} hold non-finite values (NaN or inf); allowed: finite "
-                     "values only. Fix or keep these leaves in float (a rule with spec None).")
+def _check_finite_hessian(hess, paths):
   if not bool(jnp.isfinite(hess).all()):
-    raise ValueError(f"quantize_model: the calibration inputs of {paths} hold non-finite values (NaN or inf), so "
-                     "their Hessian does too. Check the calibration data and the float model's activations "
-                     "before these layers (e.g. overflow in float16/bfloat16).")
+    raise ValueError(f"gptq.quantize_model: the Hessian of {paths} is non-finite (NaN or inf) although every "
+                     "parameter and calibration input is finite: the float model's activations before these "
+                     "layers, or their squares, overflow (float16/bfloat16 models, or huge activations). Run the "
+                     "calibration in float32 or rescale the inputs.")
 
 
 def _solve_part(part, targets, rel_float, hess, fac, spec, name, opts, mesh, axis_names, solver_options, new_flat):

