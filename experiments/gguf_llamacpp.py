@@ -33,7 +33,9 @@ import jquant
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_PY = os.path.join(ROOT, ".cache", "llamacpp-venv", "bin", "python")
 
-# Runs inside the llama.cpp virtual environment.
+# Runs inside the llama.cpp virtual environment: ``quantize SRC DST FTYPE IMATRIX|- pure|mix`` (an importance
+# matrix as an .npz of per-column mean squares by tensor name, passed through llama.cpp's C API), or
+# ``ppl GGUF WINDOWS.npy`` (perplexity of each window from an empty cache, no BOS).
 _LLAMA_SCRIPT = r"""
 import ctypes, json, sys
 import numpy as np
@@ -41,11 +43,24 @@ import llama_cpp
 
 cmd = sys.argv[1]
 if cmd == "quantize":
-    src, dst, ftype = sys.argv[2], sys.argv[3], sys.argv[4]
+    src, dst, ftype, imat, mode = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
     p.nthread = 2
-    p.pure = True
+    p.pure = mode == "pure"
+    keep = []
+    if imat != "-":
+        z = np.load(imat)
+        arr = (llama_cpp.llama_model_imatrix_data * (len(z.files) + 1))()
+        for i, k in enumerate(sorted(z.files)):
+            v = np.ascontiguousarray(z[k], np.float32)
+            name = k.encode()
+            keep += [v, name]
+            arr[i].name = name
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = v.size
+        arr[len(z.files)].name = None  # terminator
+        p.imatrix = ctypes.cast(arr, type(p.imatrix))
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
     print(json.dumps({"rc": int(rc)}))
 else:
@@ -117,7 +132,7 @@ def main():
         packed = jquant.gguf.load(path, tokenizer=False)
         row[f"{solver}_jquant"] = jquant.eval.perplexity(m, packed.params, windows, batch_size=2, progress=False)[0]
       qpath = os.path.join(tmp, f"{name}-llama.gguf")
-      if _llama("quantize", f32, qpath, _FTYPE[name])["rc"] == 0:
+      if _llama("quantize", f32, qpath, _FTYPE[name], "-", "pure")["rc"] == 0:
         row["llama_mb"] = os.path.getsize(qpath) / 1e6
         row["llama_llama"] = _llama("ppl", qpath, wpath)["ppl"]
       row["seconds"] = round(time.time() - t0)

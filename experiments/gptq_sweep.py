@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
+
+from results_cache import open_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -47,6 +48,9 @@ VARIANTS = {
     "skip sink": {"skip_positions": 1, "token_norm_cap": None},
     "damp 0.1": {"damp": 0.1},
     "damp 0.01": {"damp": 0.01},
+    "damp 0.03": {"damp": 0.03},
+    "damp 0.3": {"damp": 0.3},
+    "damp 0.01, no-sink-cap": {"damp": 0.01, "token_norm_cap": None},
 }
 
 
@@ -85,19 +89,7 @@ def main(argv=None):
 
   cache_path = args.out + ".json"
   settings = {k: getattr(args, k) for k in ("calib_windows", "eval_windows", "length")}
-  cache = {}
-  if os.path.exists(cache_path) and not args.fresh:
-    with open(cache_path) as f:
-      cache = json.load(f)
-    if cache.get("settings") != settings:
-      cache = {}
-  cache["settings"] = settings
-  runs = cache.setdefault("runs", {})
-
-  def save():
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    with open(cache_path, "w") as f:
-      json.dump(cache, f, indent=1)
+  cache, runs, save = open_cache(cache_path, settings, args.fresh)
 
   model = models.from_gguf()
   calib = data.calibration_windows(model.tokenizer, args.calib_windows, length=args.length)

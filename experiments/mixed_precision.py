@@ -25,69 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from gguf_llamacpp import LLAMA_PY, _llama  # the llama.cpp driver (its own virtual environment)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(ROOT, ".cache", "mixed_precision")
-LLAMA_PY = os.path.join(ROOT, ".cache", "llamacpp-venv", "bin", "python")
 PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 
-# Runs inside the llama.cpp virtual environment: quantize with a preset (optional importance matrix), or perplexity.
-_LLAMA_SCRIPT = r"""
-import ctypes, json, sys
-import numpy as np
-import llama_cpp
-
-cmd = sys.argv[1]
-if cmd == "quantize":
-    src, dst, ftype, imat = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
-    p.nthread = 2
-    keep = []
-    if imat != "-":
-        z = np.load(imat)
-        arr = (llama_cpp.llama_model_imatrix_data * (len(z.files) + 1))()
-        for i, k in enumerate(sorted(z.files)):
-            v = np.ascontiguousarray(z[k], np.float32)
-            name = k.encode()
-            keep += [v, name]
-            arr[i].name = name
-            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = v.size
-        arr[len(z.files)].name = None  # terminator
-        p.imatrix = ctypes.cast(arr, type(p.imatrix))
-    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
-    print(json.dumps({"rc": int(rc)}))
-else:
-    path, windows = sys.argv[2], np.load(sys.argv[3])
-    llm = llama_cpp.Llama(model_path=path, n_ctx=windows.shape[1], n_batch=windows.shape[1], logits_all=True,
-                          n_threads=2, verbose=False)
-    total = 0.0
-    for w in windows:
-        llm.reset()
-        llm.eval(w.tolist())
-        lg = np.asarray(llm.scores[:len(w)], np.float64)[:-1]
-        m = lg.max(axis=1)
-        lse = m + np.log(np.exp(lg - m[:, None]).sum(axis=1))
-        total += float(np.sum(lse - lg[np.arange(len(w) - 1), w[1:]]))
-    n = windows.shape[0] * (windows.shape[1] - 1)
-    print(json.dumps({"ppl": float(np.exp(total / n)), "n_tokens": n}))
-"""
-
-
-def _llama(*args):
-  out = subprocess.run([LLAMA_PY, "-c", _LLAMA_SCRIPT, *args], capture_output=True, text=True, check=False)
-  if out.returncode:
-    raise RuntimeError(f"llama.cpp helper failed ({args[0]}): {out.stderr[-2000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def generic_candidates():
@@ -264,7 +215,7 @@ def main(argv=None):
           continue
         t0 = time.time()
         qpath = os.path.join(cache_dir, f"{preset}{'-imat' if imat else ''}.gguf")
-        rc = _llama("quantize", f32, qpath, preset, imat_path if imat else "-")["rc"]
+        rc = _llama("quantize", f32, qpath, preset, imat_path if imat else "-", "mix")["rc"]
         if rc:
           L[key] = {"error": f"llama_model_quantize rc={rc}"}
           continue

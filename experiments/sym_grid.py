@@ -28,9 +28,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+
+from results_cache import open_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -87,19 +88,7 @@ def main(argv=None):
 
   cache_path = args.out + ".json"
   settings = {"windows": args.windows, "length": args.length}
-  cache = {}
-  if os.path.exists(cache_path) and not args.fresh:
-    with open(cache_path) as f:
-      cache = json.load(f)
-    if cache.get("settings") != settings:
-      cache = {}
-  cache["settings"] = settings
-  runs = cache.setdefault("runs", {})
-
-  def save():
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    with open(cache_path, "w") as f:
-      json.dump(cache, f, indent=1)
+  cache, runs, save = open_cache(cache_path, settings, args.fresh)
 
   model = models.from_gguf()
   windows = {"wiki": data.eval_windows(model.tokenizer, args.windows, length=args.length),

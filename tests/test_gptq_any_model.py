@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import jquant
+from test_gptq_model import gptq_paper_options
 from jquant import gptq, graph
 
 D, HEADS, HD, FF, VOCAB, T = 32, 4, 8, 64, 40, 16
@@ -189,7 +190,8 @@ def test_nd_kernel_codes_equal_a_direct_solve_on_its_matrix_view():
   m = GeneralNet()
   x = jax.random.normal(jax.random.key(1), (8, T, D))
   params = m.init(jax.random.key(0), x[:1])["params"]
-  q = gptq.quantize_model(m, params, x, RULES, batch_size=8, progress=False)
+  # The paper's options, one capture: the same Hessian and solver as the direct solve below.
+  q = gptq.quantize_model(m, params, x, RULES, batch_size=8, progress=False, **gptq_paper_options())
   cap = jquant.capture.capture(lambda p, x: m.apply({"params": p}, x), params, x)
   for name in ("q", "o"):
     path = f"layers_0/{name}/kernel"
@@ -241,7 +243,7 @@ def test_errors_name_the_leaf_and_the_argument():
     gptq.quantize_model(m, params, x.at[0, 0].set(jnp.inf), rules, progress=False)
   big = x.at[0, 0].set(3e38)  # finite input whose square overflows: named by the layer whose Hessian it reaches
   with pytest.raises(ValueError, match=r"Hessian of \['layers_0/kernel'\] is non-finite.*every parameter"):
-    gptq.quantize_model(m, params, big, rules, progress=False)
+    gptq.quantize_model(m, params, big, rules, progress=False, token_norm_cap=None)  # (the cap would drop the row)
   with pytest.raises(ValueError, match=r"quantize_model \(layers_0: layers_0/kernel\).*d in \[0, 0\]"):
     gptq.quantize_model(m, params, x, rules, damp=0.0, damp_tries=2, progress=False)  # 8 rows: H has rank 8 < 32
   with pytest.raises(ValueError, match=r"params=None"):

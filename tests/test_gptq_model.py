@@ -12,6 +12,11 @@ SPEC = jquant.QuantSpec(bits=3, granularity="group", group_size=32)
 RULES = [jquant.Rule(r"layers_\d+/(attn|mlp)/\w+/kernel$", SPEC)]
 
 
+def gptq_paper_options():
+  """quantize_model options that make it solve as `gptq.solve` does on one capture of the float block."""
+  return dict(true_sequential=False, act_order=False, damp=0.01, token_norm_cap=None)
+
+
 @pytest.fixture(scope="module")
 def toy():
   cfg = models.LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)  # q|k|v and gate|up: one solve shape
@@ -55,7 +60,7 @@ def test_shared_inputs_share_one_hessian(toy, single):
   """q, k, v receive one array; the pass solves them side by side with one Hessian, and q
   comes out as if solved alone with the Hessian of the recorded inputs."""
   m, calib, _ = toy
-  qparams, _ = single
+  qparams = gptq.quantize_model(m, m.params, calib, RULES, batch_size=4, progress=False, **gptq_paper_options())
   cap = jquant.capture.capture(m.apply, m.params, jnp.asarray(calib))
   assert ["layers_0/attn/q/kernel", "layers_0/attn/k/kernel", "layers_0/attn/v/kernel"] in cap.groups
   assert ["layers_0/mlp/gate/kernel", "layers_0/mlp/up/kernel"] in cap.groups
@@ -169,15 +174,14 @@ def test_true_sequential_matches_float64_reference():
   params = net.init(jax.random.key(4), x)["params"]
   rules = [jquant.Rule("kernel", _TS_SPEC)]
   ref = _np_true_sequential(params, x)
-  q, rep = gptq.quantize_model(net, params, x, rules, batch_size=128, progress=False,
-                               return_report=True)
+  q, rep = gptq.quantize_model(net, params, x, rules, batch_size=128, progress=False, return_report=True,
+                               **{**gptq_paper_options(), "true_sequential": True})
   assert [l.path for l in rep.layers] == [f"layers_{i}/{n}/kernel" for i in range(2) for n in ("up", "gate", "down")]
   codes = lambda p, name: np.asarray(jquant.utils.get_path(p, name + "/kernel").codes())
   for name, (c, ratio) in ref.items():
     _assert_codes_match(codes(q, name), c, ratio, min_exact_cols=0.9)
   # The one-capture pass calibrates down (and block 1) on float-model inputs: it does not match.
-  q1 = gptq.quantize_model(net, params, x, rules, batch_size=128, progress=False,
-                          true_sequential=False)
+  q1 = gptq.quantize_model(net, params, x, rules, batch_size=128, progress=False, **gptq_paper_options())
   for name in ("layers_0/up", "layers_0/gate"):  # the first group sees the same inputs either way
     np.testing.assert_array_equal(codes(q1, name), codes(q, name))
   differs = lambda name: np.mean(codes(q1, name) != ref[name][0])
@@ -236,8 +240,9 @@ def test_token_norm_cap_makes_gptq_beat_rtn_with_a_planted_sink():
     return float(jnp.mean(d[:, 1:] ** 2)), float(jnp.mean(d[:, 0] ** 2))
 
   rtn = errors(jquant.quantize_params(params, rules))
-  plain = errors(gptq.quantize_model(net, params, x, rules, progress=False))
-  capped = errors(gptq.quantize_model(net, params, x, rules, token_norm_cap=10.0, progress=False))
+  paper = gptq_paper_options()
+  plain = errors(gptq.quantize_model(net, params, x, rules, progress=False, **paper))
+  capped = errors(gptq.quantize_model(net, params, x, rules, progress=False, **{**paper, "token_norm_cap": 10.0}))
   assert capped[0] < 0.8 * min(rtn[0], plain[0]) and capped[1] < 0.2 * rtn[1], (rtn, plain, capped)
   with pytest.raises(ValueError, match=r"token_norm_cap=0.5; allowed: None or a finite float >= 1"):
     gptq.quantize_model(net, params, x, rules, token_norm_cap=0.5, progress=False)
