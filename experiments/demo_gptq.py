@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 KERNELS = r"layers_\d+/(attn|mlp)/\w+/kernel$"
-SOLVER = dict(act_order=True)  # contiguous groups: no permutation at inference (see jquant.gptq.solve)
+SOLVER = {}  # quantize_model's defaults: true-sequential, act-order (contiguous groups), damp 0.1, token-norm cap 10
 
 
 def demo_rows(model, params, calib, evalw, args=None):
