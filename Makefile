@@ -44,7 +44,7 @@ $(TPU_STAMP): requirements-tpu.txt $(STAMP)
 	@touch $(TPU_STAMP)
 
 test: venv tpu-aot
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 demo: venv
 	$(PY) experiments/demo.py

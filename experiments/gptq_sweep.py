@@ -133,20 +133,24 @@ def main(argv=None):
   write_report(cache, args.out, os.cpu_count())
 
 
+def _ratio(run):
+  return f"{run['loss_ratio']:.3f}" if "loss_ratio" in run else "-"
+
+
 def write_report(cache, out, cpus):
   import inspect
 
   from jquant import gptq
   runs, st = cache["runs"], cache["settings"]
   sig = inspect.signature(gptq.quantize_model).parameters
-  defaults = ", ".join(f"{k}={sig[k].default!r}" for k in ("true_sequential", "act_order", "token_norm_cap",
-                                                             "damp") if k in sig)
+  defaults = ", ".join([f"{k}={sig[k].default!r}" for k in ("true_sequential", "token_norm_cap")] +
+                       [f"{k}={v!r}" for k, v in gptq.model.MODEL_DEFAULTS.items()])
   fl = runs["float32"]
   lines = [f"# GPTQ against RTN: SmolLM2-135M, calibration {st['calib_windows']}x{st['length']} news tokens, "
            f"evaluation {st['eval_windows']}x{st['length']} Wikipedia and Shakespeare tokens", "",
            f"Machine: {cpus}-core CPU container. GPTQ defaults: {defaults}. g128 on 576-wide inputs: pad_groups "
            "(last group of 64). Loss ratio = GPTQ / RTN layer loss sum_j (w-q)^T H (w-q)/2 over the 210 kernels. "
-           "Bold: GPTQ worse than RTN.", "",
+           "Bold: GPTQ worse than RTN." + (" " + cache["notes"] if cache.get("notes") else ""), "",
            f"float32 perplexity: Wikipedia {fl['wikipedia']:.3f}, Shakespeare {fl['shakespeare']:.3f}", "",
            "| setting | RTN wiki | GPTQ wiki | RTN shakespeare | GPTQ shakespeare | bits/w | loss ratio | GPTQ s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -159,15 +163,13 @@ def write_report(cache, out, cpus):
     grid.append((s, r, g))
     cell = lambda c: f"**{g[c]:.2f}**" if g[c] > r[c] else f"{g[c]:.2f}"
     lines.append(f"| {s} | {r['wikipedia']:.2f} | {cell('wikipedia')} | {r['shakespeare']:.2f} | "
-                 f"{cell('shakespeare')} | {r['bits']:.3f} | {g.get('loss_ratio', float('nan')):.3f} | "
-                 f"{g['quant_s']:.0f} |")
+                 f"{cell('shakespeare')} | {r['bits']:.3f} | {_ratio(g)} | {g['quant_s']:.0f} |")
   study = [(n, v) for n, v in runs.items() if n.startswith("GPTQ ") and len(n.split()) > 4]
   if study:
     lines += ["", "Variants (keyword arguments on top of the defaults, see `VARIANTS` in the script):", "",
               "| run | wiki | shakespeare | loss ratio | s |", "|---|---:|---:|---:|---:|"]
     for n, v in study:
-      lines.append(f"| {n} | {v['wikipedia']:.2f} | {v['shakespeare']:.2f} | {v.get('loss_ratio', float('nan')):.3f} "
-                   f"| {v['quant_s']:.0f} |")
+      lines.append(f"| {n} | {v['wikipedia']:.2f} | {v['shakespeare']:.2f} | {_ratio(v)} | {v['quant_s']:.0f} |")
   with open(out + ".md", "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -52,3 +52,11 @@ def toy_llama():
   cfg = models.LlamaConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
                            rope_theta=500.0)
   return models.llama_init(cfg, jax.random.key(1))
+
+
+# Property tests draw the same examples on every run (CI must not flake on a new random draw); a failure found
+# once is kept as an @example in its test.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("jquant", derandomize=True, deadline=None)
+_hypothesis_settings.load_profile("jquant")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jquant
@@ -85,7 +85,8 @@ def error_bound(x, q, out_dtype):
   lo, hi, s = representable(q)
   dist = np.maximum(lo - x, 0) + np.maximum(x - hi, 0)
   info = jnp.finfo(out_dtype)
-  tol = float(info.eps) * np.abs(x) + 2 * float(info.tiny)
+  # The output dtype rounds the dequantized value, whose magnitude is at most the range's far end.
+  tol = float(info.eps) * np.maximum(np.abs(x), np.maximum(np.abs(lo), np.abs(hi))) + 2 * float(info.tiny)
   return np.maximum(np.abs(s) / 2, dist) * (1 + 1e-4) + tol, dist
 
 
@@ -277,6 +278,8 @@ def _extreme_spec(kind, bits, gran):
        bits=st.integers(2, 8), gran=st.sampled_from(["tensor", "channel", "group"]),
        dtype=st.sampled_from(["float32", "bfloat16", "float16"]), exponent=st.floats(-30, 38.53),
        spread=st.floats(0, 12), seed=st.integers(0, 2**16), extreme=st.booleans())
+# Found in CI: a float16 output rounds 21836.85 to 21840 (the bound must count the output's rounding of |d|).
+@example(kind="min", bits=2, gran="tensor", dtype="float16", exponent=0.0, spread=0.0, seed=0, extreme=True)
 def test_extreme_magnitudes_stay_finite_and_bounded(kind, bits, gran, dtype, exponent, spread, seed, extreme):
   """Finite inputs of any magnitude give finite values within RTN's bound of the stored parameters, on every
   path (quantize, compute_scale_zero + quantize_values + from_codes, fake_quant); min-max grids that do not
