@@ -82,7 +82,7 @@ from jquant.utils import check_finite
 SOLVER_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "damp_tries", "damp_growth")
 # quantize_model's defaults for the solver (measured on SmolLM2: README "GPTQ", experiments/gptq_sweep.py);
 # `solve` itself keeps the paper's damp=0.01 and act_order=False.
-MODEL_DEFAULTS = {"act_order": True, "damp": 0.1}
+MODEL_DEFAULTS = {"act_order": True, "damp": 0.1, "damp_tries": 4, "damp_growth": 10.0}
 
 
 class LayerReport(NamedTuple):
@@ -580,8 +580,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   row_ws = [None if w is None else put_data(jnp.asarray(w)) for w in row_ws]
 
   axis_names = None if mesh is None else tuple(mesh.axis_names)
-  opts = {k: solver_options.get(k, d) for k, d in (("damp", 0.01), ("damp_tries", 4), ("damp_growth", 10.0),
-                                                   ("act_order", False))}
+  opts = {k: solver_options[k] for k in ("damp", "damp_tries", "damp_growth", "act_order")}
   reports, tokens, found_axes = [], None, {}
   segs = prog.block_segments
   bar = tqdm(segs, desc="GPTQ", disable=not progress)
