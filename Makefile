@@ -43,8 +43,12 @@ $(TPU_STAMP): requirements-tpu.txt $(STAMP)
 	$(PIP) --no-deps --target $(VENV)/libtpu-aot -r requirements-tpu.txt
 	@touch $(TPU_STAMP)
 
+# Two pytest processes (pytest-xdist) keep both CI cores busy while one of them is compiling; a test file
+# stays in one process so that its module fixtures (SmolLM2, a toy model's GPTQ pass) are built once.
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: venv tpu-aot
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 demo: venv
 	$(PY) experiments/demo.py

@@ -22,6 +22,8 @@ from jquant import gguf  # noqa: E402  (GGUF grids, export and packed import)
 from jquant import mixed  # noqa: E402  (mixed precision per weight under a size budget)
 from jquant.calibrate import calibrate, convert
 from jquant import export  # noqa: E402  (registers jquant's pytrees for jax.export serialization)
+from jquant import generate, kvcache  # noqa: E402  (KV-cache decoding)
+from jquant import blockwise, rotation, sharding  # noqa: E402  (block-wise reconstruction; rotations; Mesh layouts)
 
 export.register_serialization()
 
@@ -32,4 +34,5 @@ __all__ = [
     "compute_scale_zero", "expand_to_groups", "quantize_params", "dequantize_params", "footprint",
     "Footprint", "is_qarray", "save", "load", "quantized", "packing", "ops", "utils", "capture", "data", "eval", "graph", "models",
     "dataflow", "folds", "awq", "gptq", "gguf", "mixed", "observers", "qat", "smoothquant", "calibrate", "convert", "export",
+    "generate", "kvcache", "blockwise", "rotation", "sharding",
 ]

@@ -60,6 +60,7 @@ from jquant.ops import W8A8Weight, static_activation_scale
 from jquant.qarray import quantize
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tokens import check_calibration_tokens
+from jquant.tree import shard_like
 from jquant.utils import check_finite, path_str
 
 ACTIVATIONS = ("static", "dynamic")
@@ -514,7 +515,8 @@ def convert(params, stats: Optional[ActivationStats], rules: Sequence[Rule], *,
   Returns:
     The tree with selected kernels replaced by `W8A8Weight(weight, act_scale)`
     (``act_scale`` None for dynamic). Run it with
-    ``jax.jit(jquant.quantized(apply))``.
+    ``jax.jit(jquant.quantized(apply))``. A kernel sharded over a mesh gives
+    int8 weights laid out like it (`jquant.sharding.qarray_shardings`).
 
   Raises:
     ValueError: a static layer has no statistics, a spec is not int8, an N-D
@@ -554,7 +556,7 @@ def convert(params, stats: Optional[ActivationStats], rules: Sequence[Rule], *,
                        "params, *example_inputs) (calibrate's stats carry them too). Narrow the rule patterns "
                        "to kernels otherwise.")
     try:
-      q = quantize(leaf, wspec)
+      q = shard_like(quantize(leaf, wspec), getattr(leaf, "sharding", None))  # a sharded kernel: laid out alike
     except (ValueError, TypeError) as e:
       raise type(e)(f"convert: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
     n_done[0] += 1

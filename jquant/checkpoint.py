@@ -621,10 +621,14 @@ def load(path, target=None):
 
 
 def _place_unsharded(leaf, like):
-  """PRNG keys (restored from their key data) go onto the target leaf's sharding afterwards."""
+  """PRNG keys (restored from their key data) go onto the target leaf's sharding afterwards; QArrays restored
+  for a float target leaf are laid out as `jquant.quantize_params` would (`jquant.sharding.qarray_shardings`)."""
   s = _sharding_of(like)
   if s is not None and isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     return jax.device_put(leaf, s)
+  if isinstance(leaf, QArray) and not isinstance(like, QArray) and isinstance(s, jax.sharding.NamedSharding):
+    from jquant.tree import shard_like  # a float target: as quantize_params lays it out (moves only what differs)
+    return shard_like(leaf, s)
   return leaf
 
 

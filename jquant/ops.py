@@ -6,7 +6,8 @@
 * ``w`` a `QArray` (weight-only quantization): dequantized inside the compiled
   function and multiplied in ``x``'s dtype. Weights stay packed in memory.
 * ``w`` an object with a ``__qdot__(x)`` method: it computes the product
-  itself (`W8A8Weight` below; QAT's fake-quantized weights).
+  itself (`W8A8Weight` below; `IntMatmulWeight`: W4A8 / W4A4 with exact
+  integer products per weight group; QAT's fake-quantized weights).
 
 When lowering for TPU or CUDA, 4..8-bit `QArray` weights and `W8A8Weight`
 run the Pallas kernels of `pallas_kernels` (chosen per lowering platform with
@@ -246,6 +247,14 @@ class W8A8Weight(NamedTuple):
   def tree_unflatten(cls, aux, children):
     return cls(*children)
 
+  @property
+  def shape(self):
+    return self.weight.shape
+
+  @property
+  def dtype(self):
+    return self.weight.dtype
+
   def quantize_input(self, x):
     """``(x_int8, x_scale)`` as the product quantizes ``x``: static (scalar scale) or per token ((..., 1))."""
     if self.act_scale is None:
@@ -325,3 +334,131 @@ def qdot(x, w):
   if isinstance(w, QArray):
     return _weight_only(x, w)
   return jnp.dot(x, w.astype(x.dtype) if hasattr(w, "astype") else w)
+
+
+# ---------------------------------------------------------------------------
+# Low-bit integer products: W4A8 and W4A4 (QuaRot), the int4 x int4 -> int32 XLA reference path.
+
+
+def int4_matmul(x_codes, w_codes):
+  """int4 (..., K) x int4 (K, N) -> int32 (..., N), exact: the XLA reference path of W4A4.
+
+  Codes are held in int8 containers (values in [-8, 7]; XLA on CPU has no
+  int4 dot), multiplied as int8 and accumulated in int32, which is exact for
+  ``K < 2^31 / 64``. A Pallas kernel would read them packed two per byte.
+
+  Raises:
+    TypeError: codes that are not integers; ValueError: concrete codes outside
+      [-8, 7], or ranks/sizes that do not fit.
+
+  Example:
+    >>> int4_matmul(jnp.array([[7, -8]], jnp.int8), jnp.array([[1], [1]], jnp.int8)).tolist()
+    [[-1]]
+  """
+  for name, a in (("x_codes", x_codes), ("w_codes", w_codes)):
+    if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+      raise TypeError(f"int4_matmul: {name} has dtype {jnp.result_type(a)}; allowed: integer codes in [-8, 7].")
+    if not isinstance(a, jax.core.Tracer):
+      v = np.asarray(a)
+      if v.size and (v.min() < -8 or v.max() > 7):
+        raise ValueError(f"int4_matmul: {name} holds codes in [{v.min()}, {v.max()}]; allowed: [-8, 7] (int4).")
+  if jnp.ndim(w_codes) != 2 or jnp.ndim(x_codes) < 1 or jnp.shape(x_codes)[-1] != jnp.shape(w_codes)[0]:
+    raise ValueError(f"int4_matmul: shapes {jnp.shape(x_codes)} x {jnp.shape(w_codes)}; allowed: (..., K) x (K, N).")
+  return int8_matmul(jnp.asarray(x_codes).astype(jnp.int8), jnp.asarray(w_codes).astype(jnp.int8))
+
+
+def grouped_int_matmul(x_codes, w_codes, group_size: Optional[int] = None):
+  """Integer codes (..., K) x (K, N) -> int32 (..., G, N): one exact partial product per group of K.
+
+  Args:
+    x_codes: int8 codes (..., K).
+    w_codes: int8 codes (K, N).
+    group_size: Rows of ``w`` per group (the last group may be shorter: it
+      is zero-padded); None: one group (per-channel weights).
+
+  Returns:
+    int32 ``(..., G, N)``, ``G = ceil(K / group_size)``.
+  """
+  k, n = w_codes.shape
+  if group_size is None or group_size >= k:
+    return int8_matmul(x_codes, w_codes)[..., None, :]
+  g = -(-k // group_size)
+  pad = g * group_size - k
+  xc = jnp.pad(x_codes, [(0, 0)] * (x_codes.ndim - 1) + [(0, pad)]).astype(jnp.int8)
+  wc = jnp.pad(w_codes, [(0, pad), (0, 0)]).astype(jnp.int8)
+  xg = xc.reshape(xc.shape[:-1] + (g, group_size))
+  wg = wc.reshape(g, group_size, n)
+  nb = xg.ndim - 2
+  out = jax.lax.dot_general(xg, wg, (((xg.ndim - 1,), (1,)), ((nb,), (0,))), preferred_element_type=jnp.int32)
+  return jnp.moveaxis(out, 0, -2) if nb == 0 else jnp.moveaxis(out, 0, nb)  # (..., G, N)
+
+
+@jax.tree_util.register_pytree_node_class
+class IntMatmulWeight(NamedTuple):
+  """A symmetric low-bit weight whose product quantizes the activations per token: W4A8, W4A4.
+
+  ``qdot(x, IntMatmulWeight(q, act_bits))`` quantizes ``x`` per token to
+  ``act_bits`` (`quantize_activations_per_token`: codes in
+  ``[-(2^(a-1) - 1), 2^(a-1) - 1]``), takes the integer codes of ``q``
+  (``[-2^(b-1), 2^(b-1) - 1]``), runs one exact int32 product per weight
+  group (`grouped_int_matmul`; `int4_matmul` is its W4A4 case) and scales:
+  ``y = x_scale * sum_g acc_g * w_scale_g`` in float32. This is the XLA
+  reference path (QuaRot's W4A4, QServe-style W4A8 with group scales); with
+  rotations (`jquant.rotation`) the activations have no outlier channels.
+
+  Attributes:
+    weight: A symmetric `QArray`, 2..8 bits, per-channel or group-wise, (K, N)
+      contracting axis 0 (N-D weights run through `jquant.quantized`).
+    act_bits: Activation bits, 2..8 (static).
+
+  Example:
+    >>> q = jquant.quantize(w, jquant.QuantSpec(bits=4, granularity="group", group_size=128))
+    >>> y = jquant.ops.qdot(x, IntMatmulWeight(q, act_bits=8))    # W4A8
+  """
+
+  weight: QArray
+  act_bits: int = 8
+
+  def tree_flatten(self):
+    return (self.weight,), self.act_bits
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], aux)
+
+  @property
+  def shape(self):
+    return self.weight.shape
+
+  @property
+  def dtype(self):
+    return self.weight.dtype
+
+  def check(self):
+    """Raises ValueError unless the weight is a symmetric one-level QArray, (K, N) contracting axis 0."""
+    w = self.weight
+    _qmax(self.act_bits, "IntMatmulWeight(act_bits)")
+    if not isinstance(w, QArray):
+      raise ValueError(f"IntMatmulWeight: weight is a {type(w).__name__}; allowed: a QArray.")
+    if (not w.spec.symmetric or w.spec.two_level or w.spec.granularity not in ("channel", "group", "tensor")
+        or w.axis != -w.ndim or w.ndim != 2):
+      raise ValueError(f"IntMatmulWeight: weight must be a symmetric one-level QArray (per-channel, per-tensor or "
+                       f"group-wise), (K, N) contracting axis 0; got {w!r} with axis {w.axis}. Quantize with "
+                       "QuantSpec(symmetric=True); an N-D weight runs through jquant.quantized(apply).")
+    if w.spec.granularity == "tensor" and np.size(w.scale) != 1 and w.scale.shape[0] != 1:
+      raise ValueError("IntMatmulWeight: per-tensor weight with several scales.")
+
+  def quantize_input(self, x):
+    """``(codes, scale)`` of ``x`` at ``act_bits``, per token."""
+    return quantize_activations_per_token(x, self.act_bits)
+
+  def __qdot__(self, x):
+    self.check()
+    w = self.weight
+    xq, xs = self.quantize_input(x)
+    wc = w.codes().astype(jnp.int8)
+    gs = w.spec.group_length(w.size) if w.spec.granularity == "group" else None
+    acc = grouped_int_matmul(xq, wc, gs)  # (..., G, N)
+    ws = jnp.broadcast_to(w.scale.astype(jnp.float32), (acc.shape[-2], acc.shape[-1]))
+    y = jnp.sum(acc.astype(jnp.float32) * ws, axis=-2) * xs
+    return y.astype(x.dtype)

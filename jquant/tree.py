@@ -72,18 +72,14 @@ def sharding_like(shape, sharding) -> Optional[jax.sharding.Sharding]:
   return NamedSharding(mesh, PartitionSpec(*kept), memory_kind=sharding.memory_kind)
 
 
-def _place_like(arr, sharding):
-  """Puts ``arr`` on ``sharding``'s mesh, keeping each named axis whose size divides."""
-  if not isinstance(sharding, NamedSharding) or isinstance(arr, jax.core.Tracer):
-    return arr
-  return jax.device_put(arr, sharding_like(arr.shape, sharding))
-
-
 def shard_like(q: QArray, sharding) -> QArray:
   """Lays out a QArray's payload, scales and zero points like a float weight's sharding.
 
   Each array of ``q`` goes onto ``sharding``'s mesh with the named axes whose
-  size divides its own dimensions (`sharding_like`); other sharding types
+  size divides its own dimensions, and, along the contraction axis, only
+  where every device's slice holds whole packing units and whole groups
+  (`jquant.sharding.qarray_shardings`), so that each device holds the codes
+  and scales of its own slice of the float weight; other sharding types
   leave ``q`` as it is. `jquant.quantize_params` and `jquant.load` (a float
   target for a quantized checkpoint) lay QArrays out this way.
 
@@ -98,7 +94,18 @@ def shard_like(q: QArray, sharding) -> QArray:
     >>> mesh = jax.make_mesh((8,), ("x",))
     >>> q = shard_like(jquant.quantize(w, spec), NamedSharding(mesh, PartitionSpec(None, "x")))
   """
-  return jax.tree_util.tree_map(lambda a: _place_like(a, sharding), q)
+  if not isinstance(sharding, NamedSharding) or any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(q)):
+    return q
+  from jquant.sharding import qarray_shardings  # each device keeps the codes and groups of its own slice
+  return jax.device_put(q, qarray_shardings(q, sharding))
+
+
+_quantize_jit = jax.jit(quantize, static_argnames=("spec",))
+
+
+def _sharded(x) -> bool:
+  s = getattr(x, "sharding", None)
+  return isinstance(s, NamedSharding) and len(s.device_set) > 1 and not isinstance(x, jax.core.Tracer)
 
 
 def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[Mapping[str, Any]] = None):
@@ -120,7 +127,9 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
 
   Returns:
     The same tree with the selected leaves replaced by `QArray` s, laid out on
-    the same mesh axes as the float leaves they came from.
+    the same mesh axes as the float leaves they came from (each device holds
+    the codes and scales of its own slice: `jquant.sharding.qarray_shardings`);
+    a sharded leaf is quantized where it lives, never gathered.
 
   Raises:
     ValueError: a selected leaf holds NaN or inf (the message names every
@@ -158,7 +167,8 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       spec = spec.replace(axis=tuple(found) if len(found) > 1 else found[0])
     try:
       k = None if key is None else jax.random.fold_in(key, len(seen_paths))
-      q = quantize(leaf, spec, key=k)
+      # A leaf sharded over several devices: one compiled quantizer per layout, not one per eager op.
+      q = (_quantize_jit if _sharded(leaf) else quantize)(leaf, spec, key=k)
     except (ValueError, TypeError) as e:
       raise type(e)(f"quantize_params: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
     quantized[0] += 1

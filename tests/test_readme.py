@@ -91,3 +91,33 @@ def test_gguf_example_runs(tmp_path, monkeypatch):
   s = _run_section("GGUF both ways (`jquant.gguf`)", tmp_path, monkeypatch)
   assert s["report"].type_counts() == {"Q4_K": 15, "F32": 5} and s["same"]
   assert (tmp_path / "toy-q4_k.gguf").is_file()
+
+
+def test_mixed_precision_example_runs(tmp_path, monkeypatch):
+  import jquant
+  s = _run_section("Mixed precision under a size budget (`jquant.mixed`)", tmp_path, monkeypatch)
+  alloc, q = s["alloc"], s["q"]
+  assert len(alloc.choices) == 14 and alloc.nbytes <= alloc.budget and alloc.bound == alloc.damage
+  q_bytes = sum(l.nbytes for l in jquant.footprint(q).leaves if l.kind.startswith("int"))
+  assert q_bytes == alloc.nbytes
+  written = s["report"].type_counts()  # every chosen type reaches the file; norms and the embedding stay F32
+  counts = alloc.counts()
+  assert {t: written[t] for t in counts} == counts and set(written) - set(counts) == {"F32"}
+  assert (tmp_path / "mixed.gguf").is_file()
+
+
+def test_kv_cache_generation_example_runs(tmp_path, monkeypatch):
+  s = _run_section("Generation with a KV cache (`jquant.generate`, `jquant.kvcache`)", tmp_path, monkeypatch)
+  assert s["out"].tokens.shape == (2, 8) and s["logits"].shape == (2, 256)
+  from jquant import kvcache
+  c = s["m"].config  # 2 rows, 4 + 8 tokens, KIVI int4 keys in blocks of 8: 16 slots
+  assert s["out"].cache_bytes == kvcache.cache_bytes(s["kivi"], n_layers=c.n_layers, batch=2, max_len=16,
+                                                     n_kv_heads=c.n_kv_heads, head_dim=c.dim // c.n_heads)
+
+
+def test_sharding_example_runs(tmp_path, monkeypatch):
+  import jax
+  s = _run_section("Models larger than one device (`jquant.sharding`)", tmp_path, monkeypatch)
+  k = s["q"]["layers_0"]["mlp"]["gate"]["kernel"]
+  assert k.qvalue.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert len(k.qvalue.sharding.device_set) == 8

@@ -492,7 +492,10 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
 
   Returns:
     A `ScaledModel`; ``.params`` is a float tree equivalent to ``params`` in
-    float arithmetic except for the clipping.
+    float arithmetic except for the clipping. Leaves of ``params`` sharded
+    over a mesh (`jquant.sharding.shard_params`) come back on the same
+    `NamedSharding`; the block steps run SPMD on them, nothing is gathered
+    onto one device.
 
   Raises:
     TypeError: unknown options, quantized parameters, a rule spec that is not
@@ -642,8 +645,15 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
     states = [graph.updated(s, st, o) for s, st, o in zip(segs, states, outs_all)]
   jax.block_until_ready(states[-1])
   out = jax.tree_util.tree_unflatten(treedef, [new_by_path[p] for p in progs[0].param_paths])
+  out = jax.tree_util.tree_map(_laid_out_like, out, params)  # sharded params: each leaf back on its sharding
   return ScaledModel(out, scales, reports, time.perf_counter() - start, tuple(applied), tuple(rejected_all),
                      axes_all)
+
+
+def _laid_out_like(new, old):
+  """``new`` on ``old``'s `NamedSharding` (folds and clips run eagerly and may move a sharded leaf)."""
+  s = getattr(old, "sharding", None)
+  return jax.device_put(new, s) if isinstance(s, jax.sharding.NamedSharding) else new
 
 
 def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional[str] = None,

@@ -30,7 +30,13 @@ them.
 With a ``mesh``, each batch's state is split over ``data_axis`` (the Hessian
 sums reduce across devices in the compiled step) and each solve splits its
 output columns over all mesh devices; the result equals the single-device one
-up to the order of the Hessian's float sums.
+up to the order of the Hessian's float sums. Parameters already sharded over
+the mesh (FSDP / tensor parallel, `jquant.sharding.shard_params`) stay
+sharded: the block steps run SPMD on them (XLA gathers inside a step what a
+matmul needs), nothing is gathered onto one device, and each quantized
+weight comes back laid out like its float weight
+(`jquant.sharding.qarray_shardings`). Without ``mesh``, the mesh of sharded
+``params`` is used.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jquant
@@ -387,13 +393,33 @@ def _placer(mesh, data_axis):
     return (lambda t: t), (lambda t: t)
   rep, n_data = NamedSharding(mesh, P()), mesh.shape[data_axis]
   split = NamedSharding(mesh, P(data_axis))
-  params = lambda t: jax.device_put(t, rep)
+
+  def params(t):  # leaves already laid out over this mesh keep their shardings (FSDP / tensor-parallel)
+    return jax.tree_util.tree_map(lambda a: a if _on_mesh(a, mesh) else jax.device_put(a, rep), t)
 
   def data(t):
     return jax.tree_util.tree_map(
         lambda a: jax.device_put(a, split if np.ndim(a) and np.shape(a)[0] % n_data == 0 else rep), t)
 
   return params, data
+
+
+_dequantize_jit = jax.jit(dequantize, static_argnames=("dtype",))
+
+
+def _dequantized_like(q, like):
+  """``q`` dequantized to ``like``'s dtype; on ``like``'s sharding when that is a multi-device `NamedSharding`
+  (one compiled step per layout there, not one per eager op)."""
+  s = getattr(like, "sharding", None)
+  dtype = jnp.result_type(like)
+  if isinstance(s, NamedSharding) and len(s.device_set) > 1:
+    return jax.device_put(_dequantize_jit(q, dtype), s)
+  return dequantize(q, dtype)
+
+
+def _on_mesh(a, mesh) -> bool:
+  s = getattr(a, "sharding", None)
+  return isinstance(s, NamedSharding) and s.mesh == mesh
 
 
 def _targets(seg, flat, axes, groups, rules):
@@ -462,8 +488,12 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       the block key, e.g. ``r"decoder/layer_\\d+"``); default: repeated
       numbered submodules (`jquant.graph.find_blocks`).
     batch_size: Examples per compiled step.
-    mesh: Optional `jax.sharding.Mesh`: data-parallel Hessians over
-      ``data_axis``, output columns of each solve over all mesh axes.
+    mesh: Optional `jax.sharding.Mesh` (``Auto`` axes): data-parallel
+      Hessians over ``data_axis``, output columns of each solve over all
+      mesh axes. Default: the mesh ``params`` are sharded over
+      (`jquant.sharding.mesh_of`), if any. Leaves sharded over it keep their
+      shardings (the returned `QArray` s are laid out like them); others are
+      replicated on it, one block at a time.
     data_axis: Mesh axis the calibration batch is split over (default: the
       mesh's first axis).
     skip_positions: Leave the first positions (axis -2 of the recorded
@@ -504,7 +534,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
     ValueError: bad calibration data or options; non-finite weights or
       calibration activations (naming the leaf); a Hessian that no dampening
       makes positive definite (naming the layers and the damps tried);
-      weights contracted over non-adjacent axes.
+      weights contracted over non-adjacent axes; a mesh with non-``Auto``
+      axes, or params on several meshes.
     jquant.graph.GraphError: no blocks found, or blocks that cannot be run one
       at a time.
     TypeError: unknown solver options or rules that are not `jquant.Rule`.
@@ -559,7 +590,11 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   start = time.perf_counter()
 
   n_data = 1
+  from jquant.sharding import check_auto_axes, mesh_of
+  if mesh is None:
+    mesh = mesh_of(params)  # sharded params: their own mesh
   if mesh is not None:
+    check_auto_axes(mesh, "gptq.quantize_model")
     data_axis = data_axis or mesh.axis_names[0]
     if data_axis not in mesh.axis_names:
       raise ValueError(f"quantize_model: data_axis={data_axis!r}; allowed: one of {mesh.axis_names}.")
@@ -620,12 +655,14 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
                                          axis_names, solver_options, new_flat))
               for p in part:
                 full = targets[p][0]
-                deq_flat[full] = dequantize(new_flat[full], jnp.result_type(flat[full]))
+                deq_flat[full] = _dequantized_like(new_flat[full], flat[full])
       ratio = sum(l.loss for l in reports) / max(sum(l.rtn_loss for l in reports), 1e-30)
       bar.set_postfix_str(f"loss/rtn {ratio:.3f}")
     if i + 1 < len(segs):
       # Sequential: the next block sees the quantized block's outputs.
       states = runs.forward(i, deq_flat, states)
+    for r in targets:  # this block's dequantized copies are no longer needed: memory stays near one block's
+      deq_flat[targets[r][0]] = flat[targets[r][0]]
   del states
 
   out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
@@ -747,7 +784,7 @@ def _solve_part(part, targets, rel_float, hess, fac, spec, name, opts, mesh, axi
     loss, rtn = _layer_losses(w, q, hess, spec=spec, k_axes=ka)
     reports.append(LayerReport(f, tuple(jnp.shape(w)), _spec_str(spec), float(loss), float(rtn), float(sol.damp),
                                secs * (b - a) / offs[-1], ka))
-    new_flat[f] = shard_like(q, getattr(w, "sharding", None)) if len(ka) == 1 else q
+    new_flat[f] = shard_like(q, getattr(w, "sharding", None))
   return reports
 
 

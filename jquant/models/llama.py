@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import kvcache
 from jquant.intercept import quantized
 from jquant.models.layers import RMSNorm
 from jquant.tokens import check_token_ids
@@ -118,32 +120,88 @@ def _dense(c: "LlamaConfig", features: int, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=jnp.dtype(c.dtype), name=name)
 
 
+def rope_cos_sin_at(positions, head_dim: int, theta: float):
+  """cos/sin tables (B, T, head_dim/2) for per-row int positions (B, T) (float32, as `rope_cos_sin`)."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  ang = positions.astype(jnp.float32)[..., None] * inv
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope_at(x, cos, sin):
+  """`apply_rope` with per-row tables cos/sin (B, T, hd/2) for x (B, T, H, hd)."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
 class Attention(nn.Module):
   """Causal grouped-query self-attention with RoPE. Dense children: q, k, v, o.
 
   q, k and v receive the same input array (the attention norm's output).
+
+  Attributes:
+    config: The `LlamaConfig`.
+    kv_quant: Optional `jquant.kvcache.KVCacheSpec`: the full forward
+      fake-quantizes keys (after RoPE) and values as that cache stores them
+      (for perplexity with a quantized cache; KIVI keys: a query sees a key
+      block quantized once the block is complete, as in decoding).
+
+  ``kv=(layer_cache, spec, positions, start, pad)`` runs the cached path
+  (`jquant.generate`): keys/values of the T input tokens are written at slots
+  ``start..start+T-1`` of the `jquant.kvcache.LayerCache`, attention reads
+  the whole cache (slots before ``pad[b]`` and after each query masked) and
+  the call returns ``(out, new_layer_cache)``.
   """
 
   config: LlamaConfig
+  kv_quant: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, kv=None):
     c = self.config
     b, t, _ = x.shape
-    hd, kv, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
+    hd, kvh, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
     q = _dense(c, c.n_heads * hd, "q")(x).reshape(b, t, c.n_heads, hd)
-    k = _dense(c, kv * hd, "k")(x).reshape(b, t, kv, hd)
-    v = _dense(c, kv * hd, "v")(x).reshape(b, t, kv, hd)
+    k = _dense(c, kvh * hd, "k")(x).reshape(b, t, kvh, hd)
+    v = _dense(c, kvh * hd, "v")(x).reshape(b, t, kvh, hd)
+    if kv is not None:
+      return self._cached(x, q, k, v, *kv)
     cos, sin = rope_cos_sin(t, hd, c.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Query head h uses key/value head h // g (Hugging Face's repeat_kv order).
-    q = q.reshape(b, t, kv, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    q = q.reshape(b, t, kvh, g, hd)
     causal = jnp.tril(jnp.ones((t, t), bool))
+    if self.kv_quant is None:
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    else:
+      k_hat, v = kvcache.fake_quantize(k, v, self.kv_quant)
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k_hat, preferred_element_type=jnp.float32) / np.sqrt(hd)
+      if self.kv_quant.key_axis == "channel":  # the open block's keys are still float (KIVI's residual)
+        scores_f = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+        scores = jnp.where(kvcache.channel_key_mask(t, self.kv_quant), scores, scores_f)
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * hd)
     return _dense(c, c.dim, "o")(out)
+
+  def _cached(self, x, q, k, v, cache, spec, positions, start, pad):
+    c = self.config
+    b, t, _ = x.shape
+    hd, kvh, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
+    cos, sin = rope_cos_sin_at(positions, hd, c.rope_theta)
+    q, k = apply_rope_at(q, cos, sin), apply_rope_at(k, cos, sin)
+    cache = kvcache.write(cache, spec, k, v, start, pad)
+    keys, values = kvcache.read(cache, spec, start + t, x.dtype)
+    q = q.reshape(b, t, kvh, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    slot = jnp.arange(keys.shape[1])
+    visible = (slot[None, None, :] >= pad[:, None, None]) & (
+        slot[None, None, :] <= start + jnp.arange(t)[None, :, None])  # (B, T, S)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, c.n_heads * hd)
+    return _dense(c, c.dim, "o")(out), cache
 
 
 class MLP(nn.Module):
@@ -159,26 +217,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+  """Pre-norm transformer block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``.
+
+  With ``kv`` (see `Attention`) it returns ``(h, new_layer_cache)``.
+  """
 
   config: LlamaConfig
+  kv_quant: Any = None
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, kv=None):
     c = self.config
-    h = h + Attention(c, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(h))
-    return h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+    a = Attention(c, self.kv_quant, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(h), kv)
+    a, cache = a if kv is not None else (a, None)
+    h = h + a
+    h = h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+    return h if kv is None else (h, cache)
 
 
 class Transformer(nn.Module):
-  """The whole decoder: embedding, ``layers_0..N-1``, final norm, (tied) output projection."""
+  """The whole decoder: embedding, ``layers_0..N-1``, final norm, (tied) output projection.
+
+  ``kv_quant`` (a `jquant.kvcache.KVCacheSpec`) fake-quantizes every layer's
+  keys and values in ``__call__``; `decode` is the cached path.
+  """
 
   config: LlamaConfig
+  kv_quant: Any = None
 
   def setup(self):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim**-0.5))
-    self.layers = [Block(c) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
+    self.layers = [Block(c, self.kv_quant) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
     self.final_norm = RMSNorm(c.norm_eps)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype))
@@ -197,6 +267,21 @@ class Transformer(nn.Module):
     for layer in self.layers:
       h = layer(h)
     return self.head(h)
+
+  def decode(self, tokens, positions, cache, start):
+    """Cached forward of T tokens (B, T) at per-row RoPE positions (B, T), written at slots ``start..``.
+
+    Returns:
+      ``(logits, cache)``: float32 logits (B, V) of the last position and the
+      `jquant.kvcache.KVCache` with ``length = start + T``.
+    """
+    h = self.embed_tokens(tokens)
+    layers = []
+    for layer, lc in zip(self.layers, cache.layers):
+      h, lc = layer(h, (lc, cache.spec, positions, start, cache.pad))
+      layers.append(lc)
+    logits = self.head(h[:, -1:])[:, 0]
+    return logits, cache.replace(layers=tuple(layers), length=jnp.asarray(start + tokens.shape[1], jnp.int32))
 
 
 def _linen_apply(module, params, *args):
@@ -220,15 +305,19 @@ class Model:
     config: The `LlamaConfig`.
     params: The float parameter tree (see module docstring).
     tokenizer: A ``tokenizers.Tokenizer`` (None for toy models).
+    kv_quant: None, or a `jquant.kvcache.KVCacheSpec` whose quantization
+      `apply` applies to every layer's keys and values (see
+      `jquant.generate.with_kv_fake_quant`).
   """
 
   config: LlamaConfig
   params: Any
   tokenizer: Any = None
+  kv_quant: Any = None
 
   @property
   def module(self) -> Transformer:
-    return Transformer(self.config)
+    return Transformer(self.config, self.kv_quant)
 
   def apply(self, params, tokens):
     """Logits (B, T, V) float32 for int tokens (B, T).
@@ -256,13 +345,44 @@ class Model:
     if self.tokenizer is None:
       raise ValueError("generate: this model has no tokenizer; pass token ids to apply instead.")
     ids = self.tokenizer.encode(prompt).ids
+    return self.tokenizer.decode(self.generate_ids(params, ids, max_new_tokens))
+
+  def generate_ids(self, params, ids, max_new_tokens: int = 8, *, buffer_len: Optional[int] = None) -> list[int]:
+    """Greedy continuation of the token ids ``ids`` (full forward per step, no cache); the new ids.
+
+    The reference `jquant.generate.generate` is tested against. Every step
+    runs the forward on a buffer of ``buffer_len`` tokens (default
+    ``len(ids) + max_new_tokens``; causal attention makes the slots after the
+    cursor inert), so one compilation serves every step and every prompt of
+    the same buffer length.
+
+    Raises:
+      ValueError: ids outside the vocabulary, or a buffer_len shorter than
+        ``len(ids) + max_new_tokens``.
+
+    Example:
+        >>> m.generate_ids(m.params, [1, 2, 3], 4)      # doctest: +SKIP
+        [17, 17, 201, 5]
+    """
+    ids = [int(i) for i in np.asarray(check_token_ids(np.asarray(ids), self.config.vocab_size,
+                                                      fn="Model.generate_ids", name="ids")).reshape(-1)]
     n = len(ids)
-    buf = np.zeros((1, n + max_new_tokens), np.int32)
+    length = n + max_new_tokens if buffer_len is None else int(buffer_len)
+    if length < n + max_new_tokens:
+      raise ValueError(f"Model.generate_ids: buffer_len={buffer_len} < len(ids) + max_new_tokens = "
+                       f"{n + max_new_tokens}; allowed: at least that.")
+    buf = np.zeros((1, length), np.int32)
     buf[0, :n] = ids
-    step = jax.jit(lambda p, t, i: jnp.argmax(self.apply(p, t)[0, i]))
     for i in range(n, n + max_new_tokens):
-      buf[0, i] = int(step(params, buf, i - 1))
-    return self.tokenizer.decode(buf[0, n:].tolist())
+      buf[0, i] = int(_greedy_step(self.config, self.kv_quant, params, buf, i - 1))
+    return buf[0, n:n + max_new_tokens].tolist()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _greedy_step(config, kv_quant, params, tokens, i):
+  """argmax of the logits at position i (one compilation per config and buffer shape)."""
+  logits = quantized(_linen_apply)(Transformer(config, kv_quant), params, tokens)
+  return jnp.argmax(logits[0, i])
 
 
 def llama_init(config: LlamaConfig, key) -> Model:
