@@ -25,7 +25,7 @@ written as ``rotation_sweep.md``.
 Usage:
     python experiments/rotation_sweep.py [--calib-windows 16] [--eval-windows 8] [--length 512] [--smoke]
     python experiments/rotation_sweep.py --only-partial --out experiments/results/rotation_sweep_partial
-    python experiments/rotation_sweep.py --only-partial --keep 507 --out experiments/results/rotation_sweep_keep
+    python experiments/rotation_sweep.py --only-partial --keep 507 --gptq --out experiments/results/rotation_sweep_keep
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main(argv=None):
   ap.add_argument("--only-partial", action="store_true", help="only the runs of --partial")
   ap.add_argument("--keep", type=lambda v: tuple(int(c) for c in v.split(",") if c), default=(),
                   help="with --only-partial: rotate all but these residual channels (SmolLM2's massive one: 507)")
+  ap.add_argument("--gptq", action="store_true", help="with --only-partial: also GPTQ (and its W4A8/W4A4) on that "
+                  "rotation")
   ap.add_argument("--smoke", action="store_true", help="a toy model, to check the script (not cached)")
   ap.add_argument("--out", default=os.path.join(RESULTS, "rotation_sweep"))
   args = ap.parse_args(argv)
@@ -81,7 +83,7 @@ def main(argv=None):
   ppl = ppl_fn(wiki, args.batch_size)
   model = untie_embeddings(model)
   if args.only_partial:  # (a second process may run this part alongside the main one, into another cache)
-    return partial_runs(runs, run_fn(runs, save, ppl), model, calib, args.keep)
+    return partial_runs(runs, run_fn(runs, save, ppl), model, calib, args.keep, args.gptq, args.batch_size)
   t = time.perf_counter()
   rot = jax.block_until_ready(rotate(model, model.params, calib[:2]))
   rot_s = time.perf_counter() - t
@@ -169,10 +171,12 @@ def act(tree, bits):
                                 tree, is_leaf=lambda a: isinstance(a, jquant.QArray))
 
 
-def partial_runs(runs, run, model, calib, keep=()):
+def partial_runs(runs, run, model, calib, keep=(), with_gptq=False, batch_size=8):
   """RTN W4 and W4A4 with the per-head and online rotations only (no residual rotation); with ``keep``, the
-  full rotation leaving those residual channels (and their norm gains) fixed instead."""
+  full rotation leaving those residual channels (and their norm gains) fixed instead; ``with_gptq``: GPTQ W4
+  (and W4A8/W4A4 on its weights) on that rotation too."""
   import jquant
+  from jquant import gptq
   from jquant.rotation import RotationConfig, rotate
   rtn = lambda p: jquant.quantize_params(p, RULES())
   t = time.perf_counter()
@@ -183,6 +187,23 @@ def partial_runs(runs, run, model, calib, keep=()):
   run(f"RTN W4 g128 sym + {what}", part.model, lambda: rtn(part.params), part_s)
   run(f"W4A4 RTN + {what}", part.model, lambda: act(rtn(part.params), 4), part_s)
   run(f"W4A8 RTN + {what}", part.model, lambda: act(rtn(part.params), 8), part_s)
+  if with_gptq:
+    box = {}
+
+    def solve():
+      t = time.perf_counter()
+      box["q"] = gptq.quantize_model(part.model, part.params, calib, RULES(), batch_size=batch_size, progress=False,
+                                     verbose=False)
+      box["s"] = time.perf_counter() - t + part_s
+      return box["q"]
+
+    names = [f"{m} + {what}" for m in ("GPTQ W4 g128 sym", "W4A8 GPTQ", "W4A4 GPTQ")]
+    if any(n not in runs for n in names):
+      runs.pop(names[0], None)
+    run(names[0], part.model, solve, part_s)
+    if "q" in box:
+      run(names[1], part.model, lambda: act(box["q"], 8), box["s"])
+      run(names[2], part.model, lambda: act(box["q"], 4), box["s"])
 
 
 QUOTED = {  # from experiments/results/gptq_sweep.json (same windows and calls), W4 g128 sym, no rotation
