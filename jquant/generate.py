@@ -77,7 +77,8 @@ class GenerateResult(NamedTuple):
     cache_bytes: Bytes of the KV cache arrays.
     prefill_seconds: Wall time of the prefill (includes its compilation on a first call).
     decode_seconds: Wall time of the decode steps (the first step's compilation excluded).
-    decode_steps: Decode steps timed (``max_new_tokens - 1``).
+    decode_steps: Decode steps timed (``max(max_new_tokens - 2, 0)``: the
+      first decode step compiles and is not timed); 0 means no timing.
   """
 
   tokens: np.ndarray
@@ -317,6 +318,10 @@ def generate(model, params, prompts, max_new_tokens: int = 16, *, kv_cache: Opti
   if sampler.temperature > 0 and key is None:
     raise ValueError("generate: temperature > 0 needs key=jax.random.key(seed) (sampling is explicit).")
   key = jax.random.key(0) if key is None else key
+  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                          or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+    raise TypeError(f"generate: key={key!r}; allowed: a PRNG key, jax.random.key(seed) "
+                    "(or a raw jax.random.PRNGKey(seed)).")
   kvcache.check_spec(kv_cache, c.head_dim, "generate")
   tokens, pad = left_pad(prompts)
   tokens = np.asarray(check_token_ids(tokens, c.vocab_size, fn="generate", name="prompts"))

@@ -87,7 +87,9 @@ def quantize_activations_per_token(x, bits: int = 8):
   Returns:
     ``(codes, scale)``: int8 codes shaped like ``x``, and float32 scales
     shaped ``x.shape[:-1] + (1,)``; ``x ~= codes * scale``. A row of zeros
-    gets scale 1 and codes 0. Arithmetic: see the module docstring.
+    gets scale 1 and codes 0; a row holding NaN or inf gets a NaN or inf
+    scale, so whatever is computed from it is non-finite. Arithmetic: see the
+    module docstring.
 
   Raises:
     ValueError: ``bits`` out of range; TypeError: integer ``x``.
@@ -100,7 +102,9 @@ def quantize_activations_per_token(x, bits: int = 8):
   qmax = _qmax(bits, "quantize_activations_per_token")
   xf = _check_float(x, "quantize_activations_per_token").astype(jnp.float32)
   amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax * np.float32(1.0 / qmax), jnp.float32(1.0))
+  # A row of zeros gets scale 1; a row holding NaN or inf keeps a non-finite scale, so the product's row is
+  # non-finite too (never a silent finite answer).
+  scale = jnp.where(amax > 0, amax * np.float32(1.0 / qmax), jnp.where(amax == 0, jnp.float32(1.0), amax))
   return _codes(xf, scale, qmax), scale
 
 
@@ -192,7 +196,8 @@ def fake_quant_activations_static(x, scale, bits: int = 8):
   xs = jax.lax.stop_gradient(x)
   codes = quantize_activations_static(xs, scale, bits)
   inside = jnp.abs(jnp.round(xs.astype(jnp.float32) * (jnp.float32(1.0) / scale))) <= qmax
-  return _ste(x, dequantize_activations(codes, scale, x.dtype), inside.astype(x.dtype))
+  fq = jnp.where(jnp.isfinite(xs), dequantize_activations(codes, scale, x.dtype), xs)  # NaN/inf stay as they are
+  return _ste(x, fq, inside.astype(x.dtype))
 
 
 def int8_matmul(x_int8, w_int8):
@@ -274,9 +279,13 @@ class W8A8Weight(NamedTuple):
       return w8a8_epilogue(int8_matmul(xq2, wq), xs2, ws, x.dtype)
 
     if not kernels_enabled():
-      return xla_w8a8(xq, xs, w.qvalue, w.scale)
-    from pallas_kernels import w8a8  # Pallas on TPU/CUDA (chosen at lowering), this XLA code elsewhere.
-    return w8a8.w8a8_matmul(xq, xs, w.qvalue, w.scale, out_dtype=x.dtype, fallback=xla_w8a8)
+      y = xla_w8a8(xq, xs, w.qvalue, w.scale)
+    else:
+      from pallas_kernels import w8a8  # Pallas on TPU/CUDA (chosen at lowering), this XLA code elsewhere.
+      y = w8a8.w8a8_matmul(xq, xs, w.qvalue, w.scale, out_dtype=x.dtype, fallback=xla_w8a8)
+    if self.act_scale is not None:  # static: a row with NaN/inf has no meaningful codes; its output row is NaN
+      y = jnp.where(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True), y, jnp.asarray(jnp.nan, y.dtype))
+    return y
 
 
 def _xla_weight_only(x, w: QArray):

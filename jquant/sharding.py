@@ -199,6 +199,16 @@ def param_shardings(params, mesh: Mesh, *, logical=LLAMA_LOGICAL_AXES, rules=MAX
     >>> shardings["layers_0"]["attn"]["o"]["kernel"].spec
     P('tensor', 'fsdp')
   """
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"param_shardings: mesh is a {type(mesh).__name__}; allowed: a jax.sharding.Mesh "
+                    "(jquant.sharding.make_mesh(fsdp, tensor)).")
+  check_auto_axes(mesh, "param_shardings")
+  used = {a for _, axes in rules for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))} | {fsdp_axis}
+  if not used & set(mesh.axis_names):
+    raise ValueError(f"param_shardings: mesh axes {tuple(mesh.axis_names)} include none of the axes the rules "
+                     f"place parameters on ({sorted(used)}): every device would hold the whole model. Name the "
+                     "mesh axes ('fsdp', 'tensor') (jquant.sharding.make_mesh) or pass rules= and fsdp_axis= for "
+                     "yours.")
   compiled = [(re.compile(p), tuple(ax)) for p, ax in logical]
 
   def one(kp, leaf):

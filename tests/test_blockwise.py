@@ -183,3 +183,10 @@ def test_bad_input_is_refused(toy):
     run(params=toy["rtn"])
   with pytest.raises(ValueError, match="init has"):
     run(init={"layers_0": toy["rtn"]["layers_0"]})
+
+
+def test_skip_positions_must_leave_a_position(toy):
+  # Reported: skip_positions=16 on (8, 16, 32) calibration inputs was diagnosed as an overflow.
+  with pytest.raises(ValueError, match=r"skip_positions=16 leaves no position .*length 16.*< 16"):
+    blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], toy["rules"], steps=3, skip_positions=16,
+                             progress=False)

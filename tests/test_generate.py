@@ -133,3 +133,9 @@ def test_prefill_rejects_a_prompt_longer_than_the_cache(toy):
     generate.prefill(toy, toy.params, np.ones((1, 3), np.int32), np.asarray([3]), cache)
   with pytest.raises(TypeError, match="Llama-style"):
     generate.generate(object(), None, [[1]], 2)
+
+
+def test_key_must_be_a_prng_key():
+  m = models.llama_init(models.LlamaConfig(), jax.random.key(0))
+  with pytest.raises(TypeError, match=r"key=0; allowed: a PRNG key"):
+    generate.generate(m, m.params, [[1, 2, 3]], 4, temperature=1.0, key=0)

@@ -199,3 +199,15 @@ def test_fisher_damage_against_numpy(toy):
   assert sens.damage[0, 0] == pytest.approx(ref, rel=1e-4)
   with pytest.raises(ValueError, match="needs its contraction axes"):
     mixed.measure(m.params, None, {"int3": spec}, fisher=fs, progress=False)
+
+
+def test_measure_rejects_a_list_of_specs_and_a_bad_fisher(toy):
+  m = toy[0]
+  path = "layers_0/attn/q/kernel"
+  w = m.params["layers_0"]["attn"]["q"]["kernel"]
+  with pytest.raises(TypeError, match=r"candidates is a list; allowed: a mapping"):
+    mixed.measure(m.params, None, [jquant.QuantSpec(bits=4)], fisher={path: jnp.ones(w.shape)})
+  with pytest.raises(ValueError, match=r"fisher holds negative values at \['layers_0/attn/q/kernel'\]"):
+    mixed.measure(m.params, None, {"int4": jquant.QuantSpec(bits=4)}, fisher={path: -jnp.ones(w.shape)})
+  with pytest.raises(ValueError, match=r"layers_0/attn/q/kernel"):
+    mixed.measure(m.params, None, {"int4": jquant.QuantSpec(bits=4)}, fisher={path: jnp.full(w.shape, jnp.nan)})

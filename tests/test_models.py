@@ -364,3 +364,10 @@ def test_from_gguf_reads_written_file_with_f32_f16_q8_0(tmp_path):
   assert _rel(got, np_llama(stored, _cfg_dict(cfg), ids)) < 1e-5
   # Q8_0 really was stored (weights differ from the float toy by rounding only).
   assert 0 < _rel(m.params["layers_0"]["mlp"]["down"]["kernel"], toy.params["layers_0"]["mlp"]["down"]["kernel"]) < 0.02
+
+
+def test_model_repr_is_short():
+  # Reported: repr(model) printed every parameter array (11,776 characters for the toy model).
+  m = jquant.models.llama_init(jquant.models.LlamaConfig(), jax.random.key(0))
+  r = repr(m)
+  assert len(r) < 400 and "params: 90,432 values" in r and r.startswith("Model(LlamaConfig(")

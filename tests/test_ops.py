@@ -137,3 +137,22 @@ def test_errors_name_the_argument():
     ops.quantize_activations_static(jnp.ones((2, 4), jnp.int32), 0.1)
   with pytest.raises(ValueError, match="x is a scalar"):
     ops.quantize_activations_per_token(jnp.float32(1.0))
+
+
+def test_non_finite_activations_give_non_finite_rows_on_every_activation_quantizing_path():
+  # Reported: a NaN in x came out as a finite row through IntMatmulWeight (all-NaN x: all zeros).
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  q4 = jquant.quantize(w, jquant.QuantSpec(bits=4, granularity="group", group_size=32))
+  q8 = jquant.quantize(w, jquant.QuantSpec(bits=8, granularity="channel"))
+  for bad in (jnp.nan, jnp.inf):
+    x = jnp.ones((2, 64)).at[0, 5].set(bad)
+    for leaf in (jquant.ops.IntMatmulWeight(q4, 8), jquant.ops.IntMatmulWeight(q4, 4), jquant.ops.W8A8Weight(q8),
+                 jquant.ops.W8A8Weight(q8, jnp.float32(0.01))):
+      y = np.asarray(jquant.ops.qdot(x, leaf))
+      assert not np.isfinite(y[0]).any(), (bad, type(leaf).__name__)
+      assert np.isfinite(y[1]).all()
+  assert not np.isfinite(np.asarray(jquant.ops.qdot(jnp.full((2, 64), jnp.nan), jquant.ops.IntMatmulWeight(q4, 8)))).any()
+  _, s = jquant.ops.quantize_activations_per_token(jnp.array([[1.0, jnp.nan], [0.0, 0.0]]))
+  assert np.isnan(s[0, 0]) and s[1, 0] == 1.0
+  fq = jquant.ops.fake_quant_activations_static(jnp.array([1.0, jnp.nan, -jnp.inf]), jnp.float32(0.01))
+  assert fq[0] == 1.0 and np.isnan(fq[1]) and fq[2] == -np.inf

@@ -306,3 +306,17 @@ def test_kept_channels_stay_fixed_with_their_gain(llama, llama_tokens, rotated_l
   assert g1[5] == g0[5] and np.all(np.delete(g1, 5) == 1.0)
   with pytest.raises(RotationError, match=r"keep_channels=\(48,\)"):
     rotate(llama, llama.params, llama_tokens, config=RotationConfig(keep_channels=(48,)), plan=rotated_llama.plan)
+
+
+def test_rotate_refuses_quantized_or_non_finite_params_and_an_int_keep(llama, llama_tokens):
+  # Reported: both were blamed on the model's structure ("a LayerNorm, a norm after a sublayer ...").
+  q = jquant.quantize_params(llama.params, [jquant.Rule("kernel$", jquant.QuantSpec(bits=4))])
+  with pytest.raises(ValueError, match="params holds quantized leaves"):
+    rotate(llama, q, llama_tokens)
+  k = llama.params["layers_0"]["attn"]["q"]["kernel"]
+  bad = {**llama.params, "layers_0": {**llama.params["layers_0"],
+                                      "attn": {**llama.params["layers_0"]["attn"], "q": {"kernel": k.at[0, 0].set(jnp.nan)}}}}
+  with pytest.raises(ValueError, match="layers_0/attn/q/kernel"):
+    rotate(llama, bad, llama_tokens)
+  with pytest.raises(TypeError, match=r"keep_channels=5; allowed: a tuple"):
+    RotationConfig(keep_channels=5)

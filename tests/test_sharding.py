@@ -208,3 +208,16 @@ def test_sharded_quantized_checkpoint_restores_onto_target_shardings(toy, tmp_pa
   other = sharding.shard_params(m.params, _mesh((2, 4)))
   back2 = jquant.load(path, target=other)
   _assert_laid_out_like_float(back2, other)
+
+
+def test_meshes_that_would_shard_nothing_are_refused(toy):
+  # Reported: a ("data", "model") mesh replicated every leaf silently; a string mesh gave an AttributeError.
+  params = toy[0].params
+  devices = np.array(jax.devices()[:8]).reshape(4, 2)
+  with pytest.raises(ValueError, match=r"mesh axes \('data', 'model'\) include none"):
+    sharding.shard_params(params, jax.sharding.Mesh(devices, ("data", "model")))
+  with pytest.raises(TypeError, match="mesh is a str"):
+    sharding.shard_params(params, "mesh")
+  explicit = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with pytest.raises(ValueError, match="allowed: Auto axes only"):
+    sharding.shard_params(params, explicit)

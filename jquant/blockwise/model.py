@@ -363,6 +363,10 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
   check_finite({"calib": calib}, "blockwise.quantize_model", "the calibration inputs",
                "Clean the calibration data; every example must be finite.")
   batches = graph.batches(calib, cfg.batch_size, fn="blockwise.quantize_model")
+  seq = [jnp.shape(x)[1] for x in jax.tree_util.tree_leaves(calib) if jnp.ndim(x) >= 2]
+  if cfg.skip_positions and seq and cfg.skip_positions >= min(seq):
+    raise ValueError(f"blockwise.quantize_model: skip_positions={cfg.skip_positions} leaves no position of the "
+                     f"calibration sequences (length {min(seq)}); allowed: 0 <= skip_positions < {min(seq)}.")
   check_calibration_tokens(model, calib, fn="blockwise.quantize_model")
   start = time.perf_counter()
 

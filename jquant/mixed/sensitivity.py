@@ -307,9 +307,19 @@ def measure(params, hessians_: Optional[Mapping[str, Any]], candidates: Mapping[
     ValueError: empty candidates or Hessians, a Hessian with no weight or the
       wrong size, non-finite weights, or a weight no candidate applies to.
   """
+  if not isinstance(candidates, Mapping):
+    raise TypeError(f"measure: candidates is a {type(candidates).__name__}; allowed: a mapping {{name: QuantSpec or "
+                    "function}}, e.g. {'int4 g32': QuantSpec(bits=4, granularity='group', group_size=32)} or "
+                    "jquant.mixed.gguf_candidates(); the names label the allocation's choices.")
   if not candidates:
     raise ValueError("measure: candidates is empty; allowed: {name: QuantSpec or function}, e.g. "
                      "jquant.mixed.gguf_candidates().")
+  if fisher is not None:
+    check_finite(dict(fisher), "measure", "fisher", "Compute it with jquant.mixed.fisher on finite data.")
+    negative = [p for p, f in fisher.items() if float(jnp.min(jnp.asarray(f))) < 0]
+    if negative:
+      raise ValueError(f"measure: fisher holds negative values at {negative[:4]}; a diagonal Fisher is a mean of "
+                       "squared gradients (>= 0): compute it with jquant.mixed.fisher.")
   stats = fisher if fisher is not None else hessians_
   if not stats:
     raise ValueError("measure: no weights to measure (hessians_ and fisher empty or None); compute Hessians "

@@ -182,6 +182,10 @@ class BertModel:
   params: Any
   tokenizer: Any = None
 
+  def __repr__(self):
+    n = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(self.params))
+    return f"BertModel({self.config!r}, params: {n:,} values, tokenizer={'yes' if self.tokenizer else None})"
+
   def apply(self, params, tokens, mask=None, token_types=None):
     """Last hidden states (B, T, d). ``mask`` (B, T): 1 for real tokens, 0 for padding.
 

@@ -315,6 +315,11 @@ class Model:
   tokenizer: Any = None
   kv_quant: Any = None
 
+  def __repr__(self):
+    n = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(self.params))
+    return (f"Model({self.config!r}, params: {n:,} values, tokenizer={'yes' if self.tokenizer else None}, "
+            f"kv_quant={self.kv_quant!r})")
+
   @property
   def module(self) -> Transformer:
     return Transformer(self.config, self.kv_quant)

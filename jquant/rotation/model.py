@@ -105,7 +105,10 @@ class RotationConfig:
   keep_channels: tuple = ()
 
   def __post_init__(self):
-    object.__setattr__(self, "keep_channels", tuple(int(c) for c in self.keep_channels))
+    keep = self.keep_channels
+    if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
+      raise TypeError(f"RotationConfig: keep_channels={keep!r}; allowed: a tuple of channel indices, e.g. ({keep},).")
+    object.__setattr__(self, "keep_channels", tuple(int(c) for c in keep))
     if self.kind not in ("hadamard", "orthogonal"):
       raise ValueError(f"RotationConfig: kind={self.kind!r}; allowed: 'hadamard', 'orthogonal'.")
     if not (isinstance(self.rtol, (int, float)) and self.rtol > 0):
@@ -381,6 +384,11 @@ def _rotation(n: int, seed: int, kind: str) -> Rotation:
   return Rotation.random(n, seed, kind)
 
 
+def _leaf_paths(params):
+  from jquant.intercept import is_quantized
+  return [(path_str(k), v) for k, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]]
+
+
 def rotate(model, params, *inputs, config: RotationConfig = RotationConfig(), plan: Optional[Plan] = None) -> Rotated:
   """The model with its rotations folded into ``params`` and the online ones wrapped; checked exact.
 
@@ -406,6 +414,13 @@ def rotate(model, params, *inputs, config: RotationConfig = RotationConfig(), pl
     raise TypeError(f"rotate: config must be a RotationConfig, got {type(config).__name__}.")
   apply, p0 = graph.as_apply(model)
   params = p0 if params is None else params
+  from jquant.intercept import is_quantized
+  from jquant.utils import check_finite
+  quantized = [path for path, leaf in _leaf_paths(params) if is_quantized(leaf)]
+  if quantized:
+    raise ValueError(f"rotate: params holds quantized leaves ({quantized[:3]}); rotations fold into float "
+                     "weights: rotate the float params, then quantize rot.params.")
+  check_finite(params, "rotate", "the float parameters", "Rotate a model whose weights are all finite.")
   if plan is None:
     plan = derive_plan(model, params, *inputs)
   flat, paths, tree = _flat(params)
