@@ -190,3 +190,12 @@ def test_skip_positions_must_leave_a_position(toy):
   with pytest.raises(ValueError, match=r"skip_positions=16 leaves no position .*length 16.*< 16"):
     blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], toy["rules"], steps=3, skip_positions=16,
                              progress=False)
+
+
+def test_blocks_must_be_a_regex_and_rules_not_empty(toy):
+  # Reported: blocks=["layers_1"] raised "unhashable type: 'list'".
+  with pytest.raises(TypeError, match=r"blocks=\['layers_1'\]; allowed: None or one regex string"):
+    blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], toy["rules"], blocks=["layers_1"], steps=1,
+                             progress=False)
+  with pytest.raises(ValueError, match="rules is empty"):
+    blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], [], steps=1, progress=False)

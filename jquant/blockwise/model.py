@@ -339,7 +339,13 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     ...                                    learn=("scale", "zero", "weight"), steps=100)
   """
   cfg = _config(config, overrides)
+  if blocks is not None and not isinstance(blocks, str):
+    raise TypeError(f"blockwise.quantize_model: blocks={blocks!r}; allowed: None or one regex string naming the "
+                    "blocks, e.g. r'layers_\\d+' or 'layers_(1|2)$' (see jquant.graph.find_blocks).")
   rules = list(rules)
+  if not rules:
+    raise ValueError("blockwise.quantize_model: rules is empty; allowed: jquant.Rule(pattern, QuantSpec) objects "
+                     "selecting the weights to quantize.")
   for r in rules:
     if not isinstance(r, Rule):
       raise TypeError(f"blockwise.quantize_model: rules must be jquant.Rule objects, got {type(r).__name__}.")
