@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jquant import graph, intercept
+from jquant import blockpass, graph, intercept
 from jquant import observers as obs_lib
 from jquant.ops import W8A8Weight, static_activation_scale
 from jquant.qarray import quantize
@@ -201,30 +201,9 @@ def _check_context(model, tokens, fn: str):
                      f"({max_len} tokens); allowed: length <= {max_len}.")
 
 
-def _check_rules(rules, fn: str):
-  rules = list(rules)
-  for r in rules:
-    if not isinstance(r, Rule):
-      raise TypeError(f"{fn}: rules must be jquant.Rule objects, got {type(r).__name__}.")
-  return rules
-
-
 def _selected(rules, path: str) -> bool:
   matched, spec = first_match(rules, path)
   return matched and spec is not None
-
-
-def _model_params(model, params, fn: str):
-  apply, own = graph.as_apply(model)
-  if params is None:
-    params = own
-  if params is None:
-    raise ValueError(f"{fn}: params is None and the model holds none; allowed: the model's parameter tree "
-                     "(for a Linen module, model.init(...)['params']).")
-  import flax.linen as nn
-  if isinstance(model, nn.Module) and isinstance(params, Mapping) and set(params) == {"params"}:
-    params = params["params"]  # a Linen variables dict: as_apply adds the "params" collection itself
-  return apply, params
 
 
 def _norm(path: str) -> str:
@@ -299,8 +278,8 @@ def calibrate(model, params, calib, rules: Sequence[Rule], *, observer=None, bat
     >>> stats.axes["layers_0/attn/o/kernel"]       # a DenseGeneral (heads, head_dim, d) output projection
     (0, 1)
   """
-  rules = _check_rules(rules, "calibrate")
-  apply, params = _model_params(model, params, "calibrate")
+  rules = blockpass.check_rules(rules, "calibrate")
+  apply, params, _ = blockpass.model_params(model, params, "calibrate")  # a Linen {"params": ...} unwrapped
   check_finite(params, "calibrate", "params", "Fix these weights before calibrating.")
   check_calibration_tokens(model, calib, fn="calibrate")
   check_finite({"calib": calib}, "calibrate", "the calibration inputs",
@@ -373,11 +352,6 @@ def _no_selection(rules, found: dict):
                     "re.search-ed on '/'-joined parameter paths.")
 
 
-def _signature(batch):
-  leaves, tree = jax.tree_util.tree_flatten(batch)
-  return tree, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
-
-
 def _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, progress):
   """Piece by piece; one traced program per distinct batch shape (a shorter last batch gets its own)."""
 
@@ -390,7 +364,7 @@ def _calibrate_blocks(apply, params, data, rules, observer, observed, blocks, pr
   states, axes, found, bad = {}, {}, {}, {}
   bar = None
   for batch in data:
-    sig = _signature(batch)
+    sig = blockpass.input_signature(batch)
     entry = programs.get(sig)
     if entry is None:
       prog = graph.trace(apply, params, *batch, blocks=blocks)
@@ -527,7 +501,7 @@ def convert(params, stats: Optional[ActivationStats], rules: Sequence[Rule], *,
     >>> qparams = convert(params, stats, rules)
     >>> y = jax.jit(jquant.quantized(model.apply))({"params": qparams}, x)
   """
-  rules = _check_rules(rules, "convert")
+  rules = blockpass.check_rules(rules, "convert")
   if stats is not None and not isinstance(stats, ActivationStats):
     raise TypeError(f"convert: stats must be jquant.calibrate.ActivationStats or None, got "
                     f"{type(stats).__name__}.")

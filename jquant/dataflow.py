@@ -53,6 +53,8 @@ _VIEW_OPS = ("convert_element_type", "transpose", "copy", "copy_p")
 # Ops through which a parameter stays "that parameter" for a bias or norm scale.
 _DERIVED_OPS = ("convert_element_type", "reshape", "broadcast_in_dim", "expand_dims", "squeeze", "copy",
                 "copy_p")
+# Ops between a matmul's output and its bias add that keep the output channels (`Flat.linear_bias`'s default).
+_BIAS_PATH_OPS = ("reshape", "convert_element_type", "copy")
 
 
 class Var:
@@ -105,6 +107,24 @@ class Site(NamedTuple):
   @property
   def source(self) -> tuple:
     return (self.x, self.x_dims)
+
+
+class BiasWalk(NamedTuple):
+  """What follows a linear layer's output (`Flat.linear_bias`).
+
+  Attributes:
+    bias: Path of the parameter the chain adds to the output (``n_out``
+      elements: the layer's bias), or None.
+    stop: Index in `Flat.eqns` of the first equation after the output (and
+      its bias add) that is not one of the ops walked through (e.g. a
+      residual add), or None where the chain forks, ends or runs past the
+      step limit.
+    value: The chain's value that ``stop`` reads (None with ``stop``).
+  """
+
+  bias: Optional[str]
+  stop: Optional[int]
+  value: Optional[Var]
 
 
 def _is_var(a) -> bool:
@@ -254,6 +274,61 @@ class Flat:
         return None
       a = self.eqns[i].ins[0]
     return None
+
+  def chain(self, v, steps: int):
+    """Yields ``(equation index, value it reads)`` along ``v``'s single-user chain, at most ``steps``.
+
+    Each equation read is the only reader of the value before it (its first
+    output is the next value); the chain stops at a fork or where nothing
+    reads the value. The caller breaks where the equations stop being ones
+    it walks through.
+    """
+    for _ in range(steps):
+      users = self.users.get(v, [])
+      if len(users) != 1:
+        return
+      yield users[0], v
+      v = self.eqns[users[0]].outs[0]
+
+  def linear_bias(self, out, n_out: int, *, through: Sequence[str] = _BIAS_PATH_OPS, steps: int = 4) -> BiasWalk:
+    """The bias added to a linear layer's output ``out``, and where the chain goes on from it.
+
+    Walks ``out``'s single-user chain (`chain`, at most ``steps``
+    equations) through ``through`` ops (reshapes, casts: the output's
+    channels unchanged). The first ``add`` on it whose other operand is a
+    parameter of ``n_out`` elements (seen through reshapes, broadcasts and
+    casts: `derived_param`) is the bias; the walk goes on through ``through``
+    ops after it. Used by the folds (`jquant.folds`: a linear source's bias
+    scales with its outputs) and the rotations (`jquant.rotation`: a residual
+    writer's bias rotates with it).
+
+    Args:
+      out: The layer's output value (`Site.out`).
+      n_out: Its output channels (elements the bias must have).
+      through: Op names walked through.
+      steps: Equations read at the most (the bias add included).
+
+    Returns:
+      A `BiasWalk`: the bias path or None, and the equation the walk stopped at.
+
+    Example (``flat`` of the module's example: a LayerNorm, then ``nn.Dense(8)``):
+      >>> site = flat.sites[0]
+      >>> flat.linear_bias(site.out, 8).bias        # the Dense's output + its bias
+      'layers_1/bias'
+    """
+    bias = None
+    for i, v in self.chain(out, steps):
+      e = self.eqns[i]
+      if e.name == "add" and bias is None:
+        others = [a for a in e.ins if a is not v]
+        p = self.derived_param(others[0]) if others else None
+        if p is not None and int(np.prod(self.param_shape(p))) == n_out:
+          bias = p
+          continue
+        return BiasWalk(None, i, v)
+      if e.name not in through:
+        return BiasWalk(bias, i, v)
+    return BiasWalk(bias, None, None)
 
   def is_const(self, a) -> bool:
     """``a`` is a literal, a constant, or computed from constants only."""
@@ -479,4 +554,5 @@ def segment_flat(prog, seg) -> Flat:
   return flat
 
 
-__all__ = ["Flat", "Slice", "Site", "Var", "Eqn", "Programs", "trace", "from_jaxpr", "segment_flat", "canonical"]
+__all__ = ["Flat", "Slice", "Site", "BiasWalk", "Var", "Eqn", "Programs", "trace", "from_jaxpr", "segment_flat",
+           "canonical"]

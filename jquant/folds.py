@@ -375,27 +375,6 @@ def _site_outputs(flat: dataflow.Flat, site: dataflow.Site) -> tuple:
   return tuple(shape[a] for a in range(len(shape)) if a not in site.w_axes)
 
 
-def _linear_bias(flat: dataflow.Flat, site: dataflow.Site, n_out: int) -> Optional[str]:
-  """The parameter added to a site's output (through reshapes and casts), if any."""
-  v = site.out
-  for _ in range(4):
-    users = flat.users.get(v, [])
-    if len(users) != 1:
-      return None
-    e = flat.eqns[users[0]]
-    if e.name == "add":
-      for a in e.ins:
-        if a is not v:
-          p = flat.derived_param(a)
-          if p is not None and int(np.prod(flat.param_shape(p))) == n_out:
-            return p
-      return None
-    if e.name not in ("reshape", "convert_element_type", "copy"):
-      return None
-    v = e.outs[0]
-  return None
-
-
 def _ties(flat: dataflow.Flat, site: dataflow.Site, k: int, n_out: int) -> list:
   """Candidate ``tie`` s for a source with ``n_out`` channels feeding ``k`` inputs."""
   if n_out == k:
@@ -452,8 +431,8 @@ def program_candidates(flat: dataflow.Flat, group: Sequence[int]) -> list[Fold]:
         continue
       n_out = int(np.prod(_site_outputs(flat, src)))
       for tie in _ties(flat, src, k, n_out):
-        out.append(Fold("linear", src.param, consumers, _linear_bias(flat, src, n_out), src.w_axes, consumer_axes,
-                        tie))
+        out.append(Fold("linear", src.param, consumers, flat.linear_bias(src.out, n_out).bias, src.w_axes,
+                        consumer_axes, tie))
       continue
     nxt = [a for a in e.ins if isinstance(a, dataflow.Var) and not flat.is_const(a)]
     if e.name in ("mul", "add"):
@@ -519,7 +498,7 @@ def tree_candidates(flat: dataflow.Flat, group: Sequence[int], params: Mapping[s
       continue
     n_out = int(np.prod(_site_outputs(flat, src)))
     for tie in _ties(flat, src, k, n_out):
-      out.append(Fold("linear", src.param, consumers, _linear_bias(flat, src, n_out), src.w_axes, axes, tie))
+      out.append(Fold("linear", src.param, consumers, flat.linear_bias(src.out, n_out).bias, src.w_axes, axes, tie))
   return out
 
 

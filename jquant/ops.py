@@ -402,8 +402,29 @@ def grouped_int_matmul(x_codes, w_codes, group_size: Optional[int] = None):
   return jnp.moveaxis(out, 0, -2) if nb == 0 else jnp.moveaxis(out, 0, nb)  # (..., G, N)
 
 
+class _IntMatmulFields(NamedTuple):
+  weight: QArray
+  act_bits: int = 8
+
+
+def _check_int_matmul_fields(weight, act_bits) -> None:
+  """What `IntMatmulWeight` needs of its fields whatever the layout: static, so tracers inside are fine."""
+  _qmax(act_bits, "IntMatmulWeight(act_bits)")
+  if not isinstance(weight, QArray):
+    raise ValueError(f"IntMatmulWeight: weight is a {type(weight).__name__}; allowed: a QArray (quantize it with "
+                     "jquant.quantize(w, QuantSpec(symmetric=True, ...)) first).")
+  spec = weight.spec
+  if not spec.symmetric or spec.two_level or spec.granularity not in ("channel", "group", "tensor"):
+    raise ValueError(f"IntMatmulWeight: weight must be a symmetric one-level QArray (per-channel, per-tensor or "
+                     f"group-wise); got a QArray with {spec!r}. Quantize with QuantSpec(symmetric=True) and no "
+                     "super-groups.")
+  if spec.granularity == "tensor" and np.size(weight.scale) != 1 and weight.scale.shape[0] != 1:
+    raise ValueError(f"IntMatmulWeight: per-tensor weight with several scales (scale shape "
+                     f"{tuple(weight.scale.shape)}); allowed: one scale.")
+
+
 @jax.tree_util.register_pytree_node_class
-class IntMatmulWeight(NamedTuple):
+class IntMatmulWeight(_IntMatmulFields):
   """A symmetric low-bit weight whose product quantizes the activations per token: W4A8, W4A4.
 
   ``qdot(x, IntMatmulWeight(q, act_bits))`` quantizes ``x`` per token to
@@ -420,20 +441,31 @@ class IntMatmulWeight(NamedTuple):
       contracting axis 0 (N-D weights run through `jquant.quantized`).
     act_bits: Activation bits, 2..8 (static).
 
+  Raises:
+    ValueError: at construction, ``act_bits`` outside 2..8, a weight that is
+      not a `QArray`, or one that is asymmetric, two-level or per-tensor with
+      several scales; at ``qdot``, a weight that is not (K, N) contracting
+      axis 0 (an N-D weight must run through `jquant.quantized`).
+
   Example:
     >>> q = jquant.quantize(w, jquant.QuantSpec(bits=4, granularity="group", group_size=128))
     >>> y = jquant.ops.qdot(x, IntMatmulWeight(q, act_bits=8))    # W4A8
   """
 
-  weight: QArray
-  act_bits: int = 8
+  __slots__ = ()
+
+  def __new__(cls, weight: QArray, act_bits: int = 8):
+    _check_int_matmul_fields(weight, act_bits)
+    return super().__new__(cls, weight, act_bits)
 
   def tree_flatten(self):
     return (self.weight,), self.act_bits
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], aux)
+    # No checks: under jit/vmap/tree_map the children are tracers or placeholders (None, object()); the tree
+    # was checked when it was built.
+    return cls._make((children[0], aux))
 
   @property
   def shape(self):
@@ -446,16 +478,11 @@ class IntMatmulWeight(NamedTuple):
   def check(self):
     """Raises ValueError unless the weight is a symmetric one-level QArray, (K, N) contracting axis 0."""
     w = self.weight
-    _qmax(self.act_bits, "IntMatmulWeight(act_bits)")
-    if not isinstance(w, QArray):
-      raise ValueError(f"IntMatmulWeight: weight is a {type(w).__name__}; allowed: a QArray.")
-    if (not w.spec.symmetric or w.spec.two_level or w.spec.granularity not in ("channel", "group", "tensor")
-        or w.axis != -w.ndim or w.ndim != 2):
-      raise ValueError(f"IntMatmulWeight: weight must be a symmetric one-level QArray (per-channel, per-tensor or "
-                       f"group-wise), (K, N) contracting axis 0; got {w!r} with axis {w.axis}. Quantize with "
-                       "QuantSpec(symmetric=True); an N-D weight runs through jquant.quantized(apply).")
-    if w.spec.granularity == "tensor" and np.size(w.scale) != 1 and w.scale.shape[0] != 1:
-      raise ValueError("IntMatmulWeight: per-tensor weight with several scales.")
+    _check_int_matmul_fields(w, self.act_bits)  # again: `_replace` / `_make` build without checks
+    if w.axis != -w.ndim or w.ndim != 2:
+      raise ValueError(f"IntMatmulWeight: weight must be (K, N) contracting axis 0 for qdot; got shape {w.shape} "
+                       f"with axis {w.axis}. An N-D weight runs through jquant.quantized(apply), which views it "
+                       "as its (K, N) matrix.")
 
   def quantize_input(self, x):
     """``(codes, scale)`` of ``x`` at ``act_bits``, per token."""

@@ -199,3 +199,12 @@ def test_blocks_must_be_a_regex_and_rules_not_empty(toy):
                              progress=False)
   with pytest.raises(ValueError, match="rules is empty"):
     blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], [], steps=1, progress=False)
+
+
+def test_rules_matching_no_parameter_are_refused(toy):
+  # Reviewed: a rule matching no weight (a typo, another model's names) was accepted, leaving float what it meant
+  # to quantize.
+  rules = toy["rules"] + [jquant.Rule(r"attn/q_proj/kernel", toy["spec"])]
+  with pytest.raises(ValueError, match=r"blockwise.quantize_model: rules\[1\] \(pattern 'attn/q_proj/kernel', "
+                                       r"nearest paths \[.*'layers_\d/\w+/kernel'.*\]\) matches no parameter"):
+    blockwise.quantize_model(toy["net"], toy["params"], toy["calib"], rules, steps=1, progress=False)

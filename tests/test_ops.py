@@ -156,3 +156,29 @@ def test_non_finite_activations_give_non_finite_rows_on_every_activation_quantiz
   assert np.isnan(s[0, 0]) and s[1, 0] == 1.0
   fq = jquant.ops.fake_quant_activations_static(jnp.array([1.0, jnp.nan, -jnp.inf]), jnp.float32(0.01))
   assert fq[0] == 1.0 and np.isnan(fq[1]) and fq[2] == -np.inf
+
+
+def test_int_matmul_weight_is_checked_when_built_not_when_unflattened():
+  # Reviewed: IntMatmulWeight(q, act_bits=9) or an asymmetric weight was accepted until qdot ran.
+  w = jax.random.normal(jax.random.key(1), (64, 8))
+  q4 = jquant.quantize(w, jquant.QuantSpec(bits=4, granularity="group", group_size=32))
+  with pytest.raises(ValueError, match=r"IntMatmulWeight\(act_bits\): bits=9; allowed: an int in 2..8"):
+    ops.IntMatmulWeight(q4, 9)
+  with pytest.raises(ValueError, match=r"weight is a ArrayImpl; allowed: a QArray"):
+    ops.IntMatmulWeight(w, 8)
+  with pytest.raises(ValueError, match=r"weight must be a symmetric one-level QArray.*symmetric=False"):
+    ops.IntMatmulWeight(jquant.quantize(w, jquant.QuantSpec(bits=4, symmetric=False)))
+  # An N-D weight is built (it runs through jquant.quantized, as a (K, N) view); qdot on it directly says so.
+  q3d = jquant.quantize(w.reshape(4, 16, 8), jquant.QuantSpec(bits=4, axis=(0, 1)))
+  with pytest.raises(ValueError, match=r"\(K, N\) contracting axis 0 for qdot; got shape \(4, 16, 8\)"):
+    ops.qdot(jnp.ones((2, 64)), ops.IntMatmulWeight(q3d, 8))
+  # Rebuilt from tracers and placeholders without checks: jit, tree_map to None, unflatten with object()s.
+  leaf = ops.IntMatmulWeight(q4, 4)
+  x = jax.random.normal(jax.random.key(2), (3, 64))
+  back = jax.jit(lambda l: l)(leaf)                        # unflattened from tracers inside, arrays outside
+  assert isinstance(back, ops.IntMatmulWeight) and back.act_bits == 4
+  np.testing.assert_array_equal(np.asarray(back.weight.codes()), np.asarray(q4.codes()))
+  assert jax.jit(ops.qdot)(x, leaf).shape == (3, 8)
+  assert jax.tree_util.tree_map(lambda a: None, leaf).act_bits == 4
+  treedef = jax.tree_util.tree_structure(leaf)
+  assert jax.tree_util.tree_unflatten(treedef, [object()] * treedef.num_leaves).act_bits == 4

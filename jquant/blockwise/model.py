@@ -30,7 +30,8 @@ each block in order (OmniQuant, Shao et al. 2023; AutoRound, Cheng et al.
    the next block's inputs.
 
 Leaves a rule selects that no block matmul reads (an untied head) are
-rounded to nearest (or taken from ``init``), as in `jquant.gptq`.
+rounded to nearest (or taken from ``init``), as in `jquant.gptq`; both walk
+the model with `jquant.blockpass`.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jquant
@@ -68,9 +69,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jquant import graph, intercept
+from jquant import blockpass, graph, intercept
 from jquant.blockwise import core
-from jquant.gptq.model import _axis_spec, _is_linen, _matmuls, _round_the_rest, _Runs, _targets
 from jquant.qarray import dequantize
 from jquant.spec import Rule
 from jquant.tokens import check_calibration_tokens
@@ -308,6 +308,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     rules: `jquant.Rule` list giving each kernel's `jquant.QuantSpec` by its
       full path; kernels are quantized along the contraction axes the model's
       own matmuls use (``DenseGeneral``, ``Einsum`` kernels need no axes).
+      Every rule must match at least one parameter path (a rule matching
+      none is refused: it would leave in float what it meant to quantize).
     init: Optional quantized tree of the same structure (a GPTQ, AWQ or RTN
       result made with the same rules): each `QArray`'s scales, zero points
       and dequantized values are the start of its weight (so the start *is*
@@ -323,7 +325,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     runnable with ``jquant.quantized(apply)``; or a `BlockwiseResult`.
 
   Raises:
-    ValueError: empty calibration data; bad options (``steps <= 0``, ...);
+    ValueError: empty calibration data or rules; a rule that matches no
+      parameter path of the model (naming it); bad options (``steps <= 0``, ...);
       parameters or calibration inputs holding NaN or inf (naming the
       leaves); quantized ``params``; an ``init`` of another structure or
       spec; specs it cannot learn (two-level, float mins); a block loss that
@@ -342,22 +345,11 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
   if blocks is not None and not isinstance(blocks, str):
     raise TypeError(f"blockwise.quantize_model: blocks={blocks!r}; allowed: None or one regex string naming the "
                     "blocks, e.g. r'layers_\\d+' or 'layers_(1|2)$' (see jquant.graph.find_blocks).")
-  rules = list(rules)
+  rules = blockpass.check_rules(rules, "blockwise.quantize_model")
   if not rules:
     raise ValueError("blockwise.quantize_model: rules is empty; allowed: jquant.Rule(pattern, QuantSpec) objects "
                      "selecting the weights to quantize.")
-  for r in rules:
-    if not isinstance(r, Rule):
-      raise TypeError(f"blockwise.quantize_model: rules must be jquant.Rule objects, got {type(r).__name__}.")
-  apply, own = graph.as_apply(model)
-  wrapped = False
-  if params is None:
-    params = own
-    if params is None:
-      raise ValueError(f"blockwise.quantize_model: params=None, but {type(model).__name__} holds no parameters; "
-                       "pass the float parameter tree.")
-  elif _is_linen(model) and isinstance(params, Mapping) and list(params) == ["params"]:
-    params, wrapped = params["params"], True
+  apply, params, wrapped = blockpass.model_params(model, params, "blockwise.quantize_model")
   quantized_leaves = [path_str(kp) for kp, v in jax.tree_util.tree_flatten_with_path(
       params, is_leaf=intercept.is_quantized)[0] if intercept.is_quantized(v)]
   if quantized_leaves:
@@ -366,6 +358,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
                      "init= to start from it.")
   check_finite(params, "blockwise.quantize_model", "the float parameters",
                "Fix or reload these weights before quantizing.")
+  blockpass.check_rules_match(
+      rules, [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]], "blockwise.quantize_model")
   check_finite({"calib": calib}, "blockwise.quantize_model", "the calibration inputs",
                "Clean the calibration data; every example must be finite.")
   batches = graph.batches(calib, cfg.batch_size, fn="blockwise.quantize_model")
@@ -376,10 +370,9 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
   check_calibration_tokens(model, calib, fn="blockwise.quantize_model")
   start = time.perf_counter()
 
-  runs = _Runs(model, apply, params, batches, blocks, lambda t: t)
+  runs = blockpass.Runs(model, apply, params, batches, blocks, fn="blockwise.quantize_model")
   prog = runs.main.prog
-  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
-  flat = dict(zip(prog.param_paths, leaves))
+  flat, treedef = runs.flat(params)
   given = _init_leaves(init, params, prog)
   new_flat = dict(flat)
   deq_flat = dict(flat)
@@ -392,9 +385,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
   bar = tqdm(total=len(segs) * cfg.steps, desc="Blockwise", disable=not progress)
   for i, seg in enumerate(segs):
     t0 = time.perf_counter()
-    axes, groups = _matmuls(runs.main, seg, flat, states[0])
-    found_axes.update({f: axes[r] for r, f in zip(seg.rel, seg.params) if r in axes})
-    targets, _ = _targets(seg, flat, axes, groups, rules)
+    targets, _ = runs.targets(seg, flat, states[0], rules, found_axes, fn="blockwise.quantize_model")
     progs = [t.prog for t in runs.of_batch]
     bsegs = [p.block_segments[i] for p in progs]
     st_lists = [graph.state_list(s, st) for s, st in zip(bsegs, states)]
@@ -416,7 +407,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     for r in rels:
       full, spec, ka = targets[r]
       w = rel_float[r]
-      spec = _axis_spec(spec, tuple(ka))
+      spec = blockpass.axis_spec(spec, tuple(ka))
       try:
         core.check_spec(spec, full)
         g = given.get(full)
@@ -471,7 +462,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     if intercept.is_quantized(g) and not intercept.is_quantized(new_flat[p]):
       new_flat[p] = g
   out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
-  out, rtn_leaves = _round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
+  out, rtn_leaves = blockpass.round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
   rest = tuple(p for p in given if intercept.is_quantized(given[p]) and p not in
                {l for b in reports for l in b.layers})
   report = BlockwiseReport(tuple(reports), time.perf_counter() - start, tuple(rtn_leaves) + rest, cfg)

@@ -21,6 +21,9 @@ or a user regex ``blocks=``) and a suffix. Then, for each block:
 3. the *quantized* block produces the next block's state (sequential GPTQ:
    later blocks calibrate on what they will see).
 
+The walk itself (tracing, running the batches block by block, picking each
+block's targets) is `jquant.blockpass`, shared with `jquant.blockwise`.
+
 Memory stays near one block's activations for the calibration set. Leaves a
 rule selects that no block matmul reads (an untied output head, an embedding)
 are quantized by round-to-nearest (`jquant.quantize_params`, along the
@@ -66,9 +69,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import warnings
-import weakref
-from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -77,13 +77,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jquant import graph, intercept
+from jquant import blockpass, graph, intercept
 from jquant.gptq import core
 from jquant.qarray import QArray, dequantize, quantize, to_matrix
-from jquant.spec import QuantSpec, Rule, first_match
-from jquant.tree import quantize_params, shard_like
+from jquant.spec import QuantSpec, Rule
+from jquant.tree import shard_like
 from jquant.tokens import check_calibration_tokens
 from jquant.utils import check_finite
+
+# The shared block pass's program cache and runner, under the names experiments/ instrument (bench_generic counts
+# the compiled steps, scale_gptq times each block's forward).
+_PROGRAMS = blockpass._PROGRAMS
+_Runs = blockpass.Runs
 
 SOLVER_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "damp_tries", "damp_growth")
 # quantize_model's defaults for the solver (measured on SmolLM2: README "GPTQ", experiments/gptq_sweep.py);
@@ -179,10 +184,6 @@ def _spec_str(spec: QuantSpec) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _axis_spec(spec: QuantSpec, k_axes: tuple) -> QuantSpec:
-  return spec.replace(axis=k_axes if len(k_axes) > 1 else k_axes[0])
-
-
 def _group_layout(m, shape, k_axes):
   """Group parameters (G, N) of the matrix view -> the weight's layout with its contraction axes as one axis of G."""
   free_shape = tuple(d for a, d in enumerate(shape) if a not in k_axes)
@@ -204,7 +205,7 @@ def _split_pack(codes, scale, zero, *, spec, shapes, k_axes, dtypes):
     # Codes back to the weight's logical layout (the inverse of to_matrix).
     free = tuple(a for a in range(len(shape)) if a not in ka)
     c = jnp.transpose(c.reshape(tuple(shape[a] for a in ka + free)), np.argsort(ka + free))
-    out.append(QArray.from_codes(c, lay(scale), lay(zero), _axis_spec(spec, ka), dtype))
+    out.append(QArray.from_codes(c, lay(scale), lay(zero), blockpass.axis_spec(spec, ka), dtype))
     start += width
   return tuple(out)
 
@@ -289,62 +290,6 @@ def _hessian_reduce(skip: int, cap: Optional[float] = None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The traced program, cached per model
-# ----------------------------------------------------------------------------------------------
-
-
-class _Traced(NamedTuple):
-  prog: graph.Program
-  matmuls: dict  # seg.key -> (axes, groups), relative paths
-
-
-_PROGRAMS: dict = {}
-
-
-def _struct(x):
-  if intercept.is_quantized(x):
-    s = intercept.logical_struct(x)
-    return (type(x).__name__, tuple(s.shape), str(s.dtype))
-  return (tuple(np.shape(x)), str(jnp.result_type(x)))
-
-
-def _traced(model, apply, params, example, blocks) -> _Traced:
-  """`graph.trace` of ``apply``, cached per (model object, parameter and input structure, blocks).
-
-  Repeated passes over one model (sweeps, tests) reuse the program and with
-  it the compiled block steps. The cache holds the model only weakly; its
-  entry goes away with the model.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
-  in_leaves, in_tree = jax.tree_util.tree_flatten(example)
-  key = (id(model), treedef, tuple(_struct(v) for v in leaves), in_tree, tuple(_struct(v) for v in in_leaves),
-         blocks)
-  try:
-    hit = _PROGRAMS.get(key)
-  except TypeError:  # an unhashable tree definition: no caching
-    key, hit = None, None
-  if hit is not None and hit[0]() is model:
-    return hit[1]
-  entry = _Traced(graph.trace(apply, params, *example, blocks=blocks), {})
-  if key is not None:
-    try:
-      ref = weakref.ref(model)
-    except TypeError:  # not weak-referenceable: no caching
-      return entry
-    weakref.finalize(model, _PROGRAMS.pop, key, None)
-    _PROGRAMS[key] = (ref, entry)
-  return entry
-
-
-def _matmuls(traced: _Traced, seg, flat, state):
-  """``(axes, groups)`` of a segment's matmuls, found once per segment structure."""
-  hit = traced.matmuls.get(seg.key)
-  if hit is None:
-    hit = traced.matmuls[seg.key] = traced.prog.matmuls(seg, flat, state)
-  return hit
-
-
-# ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
@@ -420,34 +365,6 @@ def _dequantized_like(q, like):
 def _on_mesh(a, mesh) -> bool:
   s = getattr(a, "sharding", None)
   return isinstance(s, NamedSharding) and s.mesh == mesh
-
-
-def _targets(seg, flat, axes, groups, rules):
-  """``({relative path: (full path, spec, contraction axes)}, groups of targets)`` of one block."""
-  full_of = dict(zip(seg.rel, seg.params))
-  targets = {}
-  for r in (p for g in groups for p in g):
-    if r.startswith("/"):  # a parameter outside the block (e.g. tied weights): not solved here
-      continue
-    full = full_of[r]
-    leaf = flat[full]
-    if intercept.is_quantized(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      continue
-    matched, spec = first_match(rules, full)
-    if not matched or spec is None:
-      continue
-    if not isinstance(spec, QuantSpec):
-      raise TypeError(f"quantize_model: the rule for {full} gives a {type(spec).__name__}; "
-                      "allowed: a jquant.QuantSpec or None.")
-    ka = tuple(axes[r])
-    if ka != tuple(range(ka[0], ka[-1] + 1)):
-      raise ValueError(
-          f"quantize_model: {full!r} (shape {tuple(jnp.shape(leaf))}) is contracted over axes {ka}, which are not "
-          "adjacent; a QArray packs adjacent contraction axes only. Keep it in float (a rule with spec None "
-          "before the others) or lay the weight out with its contraction axes together.")
-    targets[r] = (full, spec, ka)
-  groups = [[r for r in g if r in targets] for g in groups]
-  return targets, [g for g in groups if g]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,10 +464,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   _check_options(solver_options)
   solver_options = {**MODEL_DEFAULTS, **solver_options}
   verbose = progress if verbose is None else verbose
-  rules = list(rules)
-  for r in rules:
-    if not isinstance(r, Rule):
-      raise TypeError(f"quantize_model: rules must be jquant.Rule objects, got {type(r).__name__}.")
+  rules = blockpass.check_rules(rules, "quantize_model")
   if isinstance(skip_positions, bool) or not isinstance(skip_positions, (int, np.integer)) or skip_positions < 0:
     raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int >= 0.")
   skip_positions = int(skip_positions)
@@ -572,15 +486,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
     if position_weights is not None and position_weights.shape != (length,):
       raise ValueError(f"quantize_model: position_weights must be {length} non-negative floats (one per window "
                        f"position), not all zero; got shape {position_weights.shape}.")
-  apply, own = graph.as_apply(model)
-  wrapped = False
-  if params is None:
-    params = own
-    if params is None:
-      raise ValueError(f"quantize_model: params=None, but {type(model).__name__} holds no parameters; pass the "
-                       "float parameter tree (Linen: model.init(...)['params']).")
-  elif _is_linen(model) and isinstance(params, Mapping) and list(params) == ["params"]:
-    params, wrapped = params["params"], True
+  apply, params, wrapped = blockpass.model_params(model, params, "quantize_model")
   check_finite(params, "gptq.quantize_model", "the float parameters",
                "A model with NaN or inf weights gives NaN outputs; fix or reload these leaves.",
                is_leaf=intercept.is_quantized)
@@ -605,10 +511,9 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   pos_w = None if position_weights is None else put_params(jnp.asarray(position_weights))
 
   # One traced program per distinct batch shape (a list of batches may end with a short one).
-  runs = _Runs(model, apply, params, batches, blocks, put_params)
+  runs = blockpass.Runs(model, apply, params, batches, blocks, put_params)
   prog = runs.main.prog
-  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=intercept.is_quantized)
-  flat = dict(zip(prog.param_paths, leaves))
+  flat, treedef = runs.flat(params)
   new_flat = dict(flat)
   deq_flat = dict(flat)  # new_flat with its QArrays dequantized
   states = runs.prefix(flat, [put_data(b) for b in batches])
@@ -620,9 +525,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   segs = prog.block_segments
   bar = tqdm(segs, desc="GPTQ", disable=not progress)
   for i, seg in enumerate(bar):
-    axes, groups = _matmuls(runs.main, seg, flat, states[0])
-    found_axes.update({f: axes[r] for r, f in zip(seg.rel, seg.params) if r in axes})
-    targets, groups = _targets(seg, flat, axes, groups, rules)
+    targets, groups = runs.targets(seg, flat, states[0], rules, found_axes)
     rel_float = prog.block_params(flat, seg)
     if groups:
       # True-sequential: each group of layers sharing an input is calibrated on what the block produces with
@@ -634,7 +537,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
               for r in reps}
       for stage in ([[k] for k in range(len(groups))] if true_sequential else [list(range(len(groups)))]):
         active = {r: jnp.asarray(k in stage) for k, r in enumerate(reps)}
-        sums = runs.hessians(i, deq_flat, states, sums, row_ws, pos_w, skip_positions, token_norm_cap, active)
+        sums = runs.record(i, deq_flat, states, _hessian_reduce(skip_positions, token_norm_cap), sums, row_ws,
+                           pos_w, active)
         for k in stage:
           g, r = groups[k], reps[k]
           hess = core.hessian_finalize(sums[r][0])
@@ -666,7 +570,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   del states
 
   out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
-  out, rtn_leaves = _round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
+  out, rtn_leaves = blockpass.round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
   report = GPTQReport(tuple(reports), time.perf_counter() - start, rtn_leaves, int(tokens or 0))
   if verbose:
     print(report)
@@ -674,79 +578,9 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   return GPTQResult(out, report) if return_report else out
 
 
-class _Runs:
-  """Runs the calibration batches through the traced program(s), block by block.
-
-  Batches of one input shape share one `graph.Program` (its jaxpr has fixed
-  shapes) and so one compiled step per alike block; batches of another shape
-  get their own program, whose blocks line up with the first one's.
-  """
-
-  def __init__(self, model, apply, params, batches, blocks, put_params):
-    self.put_params = put_params
-    by_sig: dict = {}
-    self.of_batch = []
-    for b in batches:
-      sig = _input_sig(b)
-      if sig not in by_sig:
-        by_sig[sig] = _traced(model, apply, params, b, blocks)
-      self.of_batch.append(by_sig[sig])
-    self.main = self.of_batch[0]
-    for t in by_sig.values():
-      if t.prog.blocks != self.main.prog.blocks or [s.rel for s in t.prog.block_segments] != [
-          s.rel for s in self.main.prog.block_segments]:
-        raise graph.GraphError(
-            f"quantize_model: calibration batches of different shapes trace to different blocks "
-            f"({self.main.prog.blocks} vs {t.prog.blocks}); pass batches of one shape.")
-
-  def _params(self, cache, t, seg, flat):
-    key = id(t)
-    if key not in cache:
-      cache[key] = self.put_params(t.prog.block_params(flat, seg))
-    return cache[key]
-
-  def prefix(self, flat, batches) -> list:
-    """The state entering the first block, per batch."""
-    states, cache = [], {}
-    for b, t in zip(batches, self.of_batch):
-      seg = t.prog.segments[0]
-      outs, _ = t.prog.jitted(seg)(self._params(cache, t, seg, flat),
-                                   graph.state_list(seg, t.prog._input_state(b)))
-      states.append(dict(zip(seg.state_out, outs)))
-    return states
-
-  def hessians(self, i, flat, states, sums, row_ws, pos_w, skip, cap, active):
-    """Block ``i``'s Hessian sums over all batches (float params, inputs recorded on device)."""
-    cache = {}
-    for st, rw, t in zip(states, row_ws, self.of_batch):
-      seg = t.prog.block_segments[i]
-      step = t.prog.jitted(seg, _hessian_reduce(skip, cap), record=True)
-      sums = step(self._params(cache, t, seg, flat), graph.state_list(seg, st), sums, rw, pos_w, active)
-    return sums
-
-  def forward(self, i, flat, states) -> list:
-    """The states after block ``i`` run with ``flat``'s (quantized) params."""
-    out, cache = [], {}
-    for st, t in zip(states, self.of_batch):
-      seg = t.prog.block_segments[i]
-      outs, _ = t.prog.jitted(seg)(self._params(cache, t, seg, flat), graph.state_list(seg, st))
-      out.append(dict(zip(seg.state_out, outs)))
-    return out
-
-
-def _input_sig(batch):
-  leaves, tree = jax.tree_util.tree_flatten(batch)
-  return tree, tuple(_struct(v) for v in leaves)
-
-
 def _k_size(w, k_axes) -> int:
   """K of a weight's (K, N) view: the product of its contraction axes' sizes."""
   return int(np.prod([jnp.shape(w)[a] for a in k_axes]))
-
-
-def _is_linen(model) -> bool:
-  import flax.linen as nn
-  return isinstance(model, nn.Module)
 
 
 def _check_finite_hessian(hess, paths):
@@ -786,27 +620,6 @@ def _solve_part(part, targets, rel_float, hess, fac, spec, name, opts, mesh, axi
                                secs * (b - a) / offs[-1], ka))
     new_flat[f] = shard_like(q, getattr(w, "sharding", None))
   return reports
-
-
-def _round_the_rest(out, new_flat, rules, found_axes, apply, params, example):
-  """Round-to-nearest for rule-selected float leaves no block matmul read; returns the tree and their paths."""
-  rest = [p for p, v in new_flat.items()
-          if not intercept.is_quantized(v) and hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)
-          and first_match(rules, p)[1] is not None]
-  if not rest:
-    return out, ()
-  axes = dict(found_axes)
-  if any(p not in axes for p in rest):
-    # Contraction axes of the prefix's and suffix's matmuls (e.g. an untied head), read abstractly.
-    from jquant.capture import CaptureError, contraction_axes
-    try:
-      axes = {**contraction_axes(apply, params, *example), **axes}
-    except (CaptureError, intercept.InterceptError):
-      pass  # a model capture cannot read as a whole: the rules' own axes apply
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    out = quantize_params(out, rules, axes={p: axes[p] for p in rest if p in axes})
-  return out, tuple(rest)
 
 
 __all__ = ["quantize_model", "GPTQReport", "GPTQResult", "LayerReport", "SOLVER_OPTIONS"]

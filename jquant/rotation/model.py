@@ -197,23 +197,12 @@ def _flat(params) -> tuple[dict, list, Any]:
 
 def _writer_bias(flat: dataflow.Flat, site: dataflow.Site, d: int):
   """``(True, bias)`` when the site's output reaches a residual add through channel ops and its bias."""
-  v, bias = site.out, None
-  for _ in range(8):
-    users = flat.users.get(v, [])
-    if len(users) != 1:
-      return False, None
-    e = flat.eqns[users[0]]
-    if e.name == "add":
-      other = [a for a in e.ins if a is not v]
-      p = flat.derived_param(other[0]) if other else None
-      if p is not None and bias is None and int(np.prod(flat.param_shape(p))) == d:
-        bias, v = p, e.outs[0]
-        continue
-      return (p is None and not flat.is_const(other[0])), bias
-    if e.name not in _CHANNEL_OPS:
-      return False, None
-    v = e.outs[0]
-  return False, None
+  walk = flat.linear_bias(site.out, d, through=_CHANNEL_OPS, steps=8)
+  if walk.stop is None or flat.eqns[walk.stop].name != "add":
+    return False, None
+  other = [a for a in flat.eqns[walk.stop].ins if a is not walk.value]
+  # A residual add: the other operand is computed (the stream), neither a parameter nor a constant.
+  return bool(other) and flat.derived_param(other[0]) is None and not flat.is_const(other[0]), walk.bias
 
 
 def _head_size(flat: dataflow.Flat, site: dataflow.Site, fold: folds_lib.Fold) -> Optional[int]:
@@ -223,17 +212,12 @@ def _head_size(flat: dataflow.Flat, site: dataflow.Site, fold: folds_lib.Fold) -
   free = [shape[a] for a in range(len(shape)) if a not in site.w_axes]
   if len(free) > 1:  # (heads, head_dim) outputs: an N-D projection
     return int(free[-1])
-  v = site.out
-  for _ in range(4):
-    users = flat.users.get(v, [])
-    if len(users) != 1:
-      return None
-    e = flat.eqns[users[0]]
+  for i, _ in flat.chain(site.out, 4):
+    e = flat.eqns[i]
     if e.name == "reshape":
       return int(e.outs[0].aval.shape[-1])
     if e.name not in _CHANNEL_OPS + ("add",):
       return None
-    v = e.outs[0]
   return None
 
 
