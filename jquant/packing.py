@@ -98,7 +98,9 @@ def pack(codes, bits: int, axis: int = 0, dense: bool = False):
   if bits * values > 32:
     return jnp.moveaxis(_pack_dense(c, bits, values, nbytes, rest), 0, axis)
   shifts = (jnp.arange(values, dtype=jnp.uint32) * bits).reshape((1, values) + (1,) * len(rest))
-  word = jnp.bitwise_or.reduce(c << shifts, axis=1)  # disjoint bit fields: or == sum
+  # Disjoint bit fields: or == sum. A sum, because a sharded axis may split a unit over devices, and XLA's
+  # CPU collectives have no OR all-reduce (3-bit codes of a 32-row weight on 8 devices failed to compile).
+  word = jnp.sum(c << shifts, axis=1, dtype=jnp.uint32)
   if nbytes == 1:
     out = word.astype(jnp.uint8)
   else:
@@ -124,7 +126,7 @@ def unpack(packed, bits: int, size: int, axis: int = 0, dtype=jnp.uint8, dense: 
     word = p[:, 0]
   else:
     byte_shifts = (jnp.arange(nbytes, dtype=jnp.uint32) * 8).reshape((1, nbytes) + (1,) * len(rest))
-    word = jnp.bitwise_or.reduce(p << byte_shifts, axis=1)
+    word = jnp.sum(p << byte_shifts, axis=1, dtype=jnp.uint32)  # disjoint bytes: or == sum (see pack)
   shifts = (jnp.arange(values, dtype=jnp.uint32) * bits).reshape((1, values) + (1,) * len(rest))
   c = (word[:, None] >> shifts) & jnp.uint32(2**bits - 1)
   c = c.reshape((units * values,) + rest)[:size]

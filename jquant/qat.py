@@ -38,6 +38,12 @@ no edit to the model:
   `jquant.ops.W8A8Weight` (int8 x int8 matmuls); their training forward
   already runs that integer product, so training and export agree exactly.
   Run the converted tree with ``jax.jit(jquant.quantized(apply))``.
+* Parameters sharded over a mesh (`jquant.sharding.shard_params`: FSDP /
+  tensor parallel) train where they live: `init` lays each quantizer's scale
+  (and zero point) out like the packed weight's scales
+  (`jquant.sharding.qarray_shardings`), the compiled step runs SPMD and keeps
+  every leaf's sharding, and `convert` lays the `QArray` s out as
+  `jquant.quantize_params` lays out a sharded leaf.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, jquant, jquant.qat as qat
@@ -67,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from jquant.checkpoint import atomic_directory
 from jquant.checkpoint import load as _load
@@ -76,7 +83,8 @@ from jquant.intercept import quantized
 from jquant.ops import W8A8Weight, int8_matmul, qdot
 from jquant.qarray import QArray, compute_scale_zero, expand_to_groups, merge_contraction
 from jquant.spec import QuantSpec, Rule, first_match
-from jquant.tree import is_qarray
+from jquant.sharding import qarray_shardings
+from jquant.tree import is_qarray, shard_like
 from jquant.utils import check_finite, path_str
 
 _MIN_SCALE = 1e-8  # learned scales are kept above this after every update
@@ -253,9 +261,9 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
         scale, zero = _rtn_scale_zero(leaf, spec)
       except (ValueError, TypeError) as e:
         raise type(e)(f"qat.init: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
-    quantizers[path] = Quantizer(jnp.asarray(scale, jnp.float32),
-                                 None if zero is None else jnp.asarray(zero, jnp.float32),
-                                 spec, bool(lsq), None if act_bits is None else int(act_bits))
+    scale, zero = _laid_out_like_packed(leaf, spec, jnp.asarray(scale, jnp.float32),
+                                        None if zero is None else jnp.asarray(zero, jnp.float32))
+    quantizers[path] = Quantizer(scale, zero, spec, bool(lsq), None if act_bits is None else int(act_bits))
   if not quantizers:
     raise ValueError(f"qat.init: rules {[r.pattern for r in rules]} select no float leaf; paths seen: "
                      f"{seen[:8]}{' ...' if len(seen) > 8 else ''}. Patterns are re.search-ed on '/'-joined paths.")
@@ -264,6 +272,22 @@ def init(params, rules: Sequence[Rule], *, lsq: bool = True, act_bits: Optional[
     raise ValueError(f"qat.init: init_from holds QArrays at {unused[:4]} that the rules do not select; "
                      "allowed: init_from QArrays only at selected paths.")
   return QATState(quantizers)
+
+
+def _mesh_sharding(leaf) -> Optional[NamedSharding]:
+  """The multi-device `NamedSharding` of a concrete ``leaf`` (None for tracers and single-device arrays)."""
+  s = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+  return s if isinstance(s, NamedSharding) and len(s.device_set) > 1 else None
+
+
+def _laid_out_like_packed(leaf, spec: QuantSpec, scale, zero):
+  """A sharded weight's scale and zero point on the layout of the packed `QArray` 's (`convert`'s), so that
+  each device trains the quantizers of its own slice (`jquant.sharding.qarray_shardings`)."""
+  s = _mesh_sharding(leaf)
+  if s is None:
+    return scale, zero
+  lay = qarray_shardings(jax.eval_shape(functools.partial(_pack, spec=spec), leaf, scale, zero), s)
+  return jax.device_put(scale, lay.scale), (None if zero is None else jax.device_put(zero, lay.zero_point))
 
 
 def _from_qarray(q: QArray, spec: QuantSpec, leaf, path: str):
@@ -607,7 +631,9 @@ def convert(params, state: QATState):
   Dequantizing a converted weight gives the fake-quantized training weight bit
   for bit. Activation-quantized weights become `jquant.ops.W8A8Weight`
   (8-bit activations over a symmetric int8 per-channel weight: int8 x int8
-  matmul) or `ActQuantWeight` otherwise.
+  matmul) or `ActQuantWeight` otherwise. A latent weight sharded over a
+  mesh gives a `QArray` laid out by `jquant.sharding.qarray_shardings` of its
+  sharding (each device holds the codes and scales of its own slice).
 
   Raises:
     ValueError: a selected latent weight, or a learned scale / zero point,
@@ -625,6 +651,8 @@ def convert(params, state: QATState):
   def conv(leaf, qz: Quantizer):
     spec = qz.spec
     q = _pack(leaf, qz.scale, qz.zero_point, spec)
+    s = _mesh_sharding(leaf)
+    q = q if s is None else shard_like(q, s)  # laid out like jquant.quantize_params lays out a sharded leaf
     if qz.act_bits is None:
       return q
     return W8A8Weight(q) if _w8a8_ok(qz) else ActQuantWeight(q, qz.act_bits)

@@ -2,7 +2,9 @@
 
 Models larger than one chip keep their weights sharded; jquant's algorithms
 (`jquant.quantize_params`, `jquant.gptq.quantize_model`,
-`jquant.awq.scale_model`, `jquant.calibrate`/`convert`, `jquant.save` /
+`jquant.awq.scale_model`, `jquant.calibrate`/`convert`,
+`jquant.smoothquant.smooth`, `jquant.qat` (`init`, the compiled step,
+`convert`), `jquant.blockwise.quantize_model`, `jquant.save` /
 `jquant.load`) take such trees and return quantized trees laid out alike.
 This module gives the layouts:
 

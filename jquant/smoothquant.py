@@ -44,11 +44,13 @@ from typing import Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jquant import dataflow, folds as folds_lib, graph, ops
 from jquant.calibrate import W8A8Spec
 from jquant.qarray import quantize, to_matrix
+from jquant.sharding import mesh_of
 from jquant.spec import QuantSpec
 from jquant.tokens import check_calibration_tokens
 from jquant.utils import check_finite, path_str
@@ -228,7 +230,11 @@ def smooth(model, params, calib, act_absmax: Mapping[str, jax.Array], alpha: Uni
 
   Returns:
     ``(smoothed params, {fold name: s})``. Factors are computed from the
-    original weights and statistics, then all folds applied.
+    original weights and statistics, then all folds applied. Parameters
+    sharded over a mesh (`jquant.sharding.shard_params`: FSDP / tensor
+    parallel) are smoothed where they live and come back on their own
+    shardings, each factor ``s`` replicated over that mesh; the results equal
+    the single-device ones bit for bit (for the same ``act_absmax``).
 
   Raises:
     jquant.folds.FoldError: a given fold changes the float model.
@@ -249,7 +255,24 @@ def smooth(model, params, calib, act_absmax: Mapping[str, jax.Array], alpha: Uni
   factors = {f.name: fold_factors(f, flat, act_absmax, _alpha_for(alpha, f.name, "smooth")) for f in fs}
   for f in fs:
     flat = folds_lib.apply_fold(flat, f, factors[f.name])
+  # Sharded params (jquant.sharding): every leaf back on its own layout (the eager folds let XLA pick the
+  # layout of their results, e.g. a norm scale divided by factors laid out otherwise comes back replicated);
+  # the (K,) factors replicated over the params' mesh.
+  old = dict(zip(paths, (v for _, v in leaves)))
+  flat = {p: _laid_out_like(flat[p], old[p]) for p in paths}
+  mesh = mesh_of(params)
+  if mesh is not None:
+    factors = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec())) for k, v in factors.items()}
   return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths]), factors
+
+
+def _laid_out_like(new, old):
+  """``new`` on ``old``'s multi-device `NamedSharding` (unchanged otherwise)."""
+  s = getattr(old, "sharding", None)
+  if (isinstance(s, NamedSharding) and len(s.device_set) > 1 and not isinstance(new, jax.core.Tracer)
+      and getattr(new, "sharding", None) != s):
+    return jax.device_put(new, s)
+  return new
 
 
 def fold_error(x, kernels: Sequence, axes: Sequence[tuple], s, activations: str = "static",
@@ -306,7 +329,9 @@ def search_alpha(model, params, calib, act_absmax: Mapping[str, jax.Array], *,
     progress: Show a tqdm bar over blocks.
 
   Returns:
-    ``{fold name: best alpha}`` for `smooth`.
+    ``{fold name: best alpha}`` for `smooth`. Sharded ``params`` run SPMD on
+    their mesh (the errors differ from single-device ones by float rounding
+    only).
 
   Raises:
     ValueError: bad ``activations``/``alphas``; ``act_absmax``, parameters
