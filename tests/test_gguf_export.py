@@ -68,8 +68,11 @@ def test_export_then_packed_import_is_bit_exact(tmp_path, toy, name):
 
 def test_float_export_and_rope_rows_match_the_loader(tmp_path, toy):
   """Float weights: F32 exactly, F16/BF16 as the dtype rounds them; q/k rows are permuted as
-  llama.cpp's converter does (the inverse of the loader's `_unpermute_rope`)."""
-  from jquant.models.loaders import _unpermute_rope
+  llama.cpp's converter does (undone here by an independent reshape: adjacent pairs back to halves)."""
+  def _unpermute_rope(w, n_heads):
+    out, inp = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
   jquant.gguf.export(tmp_path / "f32.gguf", toy.params, like=_CFG)
   reader = gguf.GGUFReader(tmp_path / "f32.gguf")
   q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
@@ -160,13 +163,13 @@ def test_load_errors_name_what_is_unsupported(tmp_path, toy):
   src = tmp_path / "src.gguf"
   jquant.gguf.export(src, toy.params, like=toy)
   _rewrite(src, tmp_path / "arch.gguf", arch="mamba")
-  with pytest.raises(NotImplementedError, match="'mamba'.*supported: \\('llama',\\)"):
+  with pytest.raises(NotImplementedError, match="'mamba'.*supported: \\('llama', 'gemma3'\\)"):
     jquant.gguf.load(tmp_path / "arch.gguf")
   iq = np.zeros((2, 18), np.uint8)
   _rewrite(src, tmp_path / "iq.gguf", extra=[("blk.0.extra.weight", iq, gguf.GGMLQuantizationType.IQ4_NL)])
   with pytest.raises(NotImplementedError, match="IQ4_NL; supported: F32, F16, BF16, Q8_0"):
     jquant.gguf.load(tmp_path / "iq.gguf")
-  _rewrite(src, tmp_path / "tok.gguf", fields=[("tokenizer.ggml.model", "llama", gguf.GGUFValueType.STRING)])
+  _rewrite(src, tmp_path / "tok.gguf", fields=[("tokenizer.ggml.model", "rwkv", gguf.GGUFValueType.STRING)])
   with pytest.raises(NotImplementedError, match="tokenizer=False"):
     jquant.gguf.load(tmp_path / "tok.gguf")
   m = jquant.gguf.load(tmp_path / "tok.gguf", tokenizer=False)  # the weights load all the same
@@ -210,3 +213,53 @@ def test_smollm2_reexport_reproduces_the_file(tmp_path, smollm2_packed):
     np.testing.assert_array_equal(np.asarray(t.data), np.asarray(b[name].data))
   r = gguf.GGUFReader(out)
   assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
+
+
+# ----------------------------------------------------------------------------- gemma3 and rope_freqs
+_GEMMA = models.LlamaConfig(vocab_size=67, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, head_dim=16,
+                            rope_theta=1e6, norm_eps=1e-6, activation="gelu_tanh", qk_norm=True, post_norms=True,
+                            embed_scale=True, sliding_window=4, sliding_window_pattern=2, rope_local_theta=1e4)
+
+
+def test_gemma3_export_and_import_round_trip(tmp_path):
+  """A Gemma 3 tree is written as llama.cpp's gemma3 (q/k norms, post-norms, no q/k row permutation) and both
+  loaders read back the same config and parameters (packed quantized types: the llama tests above, and the real
+  Gemma 3 file in experiments/gemma3_jquant.py)."""
+  m = models.llama_init(_GEMMA, jax.random.key(2))
+  rep = jquant.gguf.export(tmp_path / "g.gguf", m.params, like=_GEMMA)
+  reader = gguf.GGUFReader(tmp_path / "g.gguf")
+  assert reader.fields["general.architecture"].contents() == "gemma3"
+  assert reader.fields["gemma3.attention.sliding_window"].contents() == 4
+  got = {t.name: t for t in reader.tensors}
+  for n in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"):
+    assert f"blk.1.{n}.weight" in got
+  np.testing.assert_array_equal(np.asarray(got["blk.0.attn_q.weight"].data),  # HF row order: not permuted
+                                np.asarray(m.params["layers_0"]["attn"]["q"]["kernel"]).T)
+  assert rep.type_counts() == {"F32": 28}  # 2 x (7 kernels + 6 norms) + embedding + final norm
+  for load in (lambda p: models.from_gguf(p, tokenizer=False),
+               lambda p: jquant.gguf.load(p, tokenizer=False)):
+    back = load(tmp_path / "g.gguf")
+    assert back.config == _GEMMA
+    _assert_same_tree(m.params, back.params)
+
+
+def test_rope_freqs_round_trip_through_the_file(tmp_path):
+  cfg = models.LlamaConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32,
+                           rope_freq_factors=(1.0, 1.0, 2.0, 4.0, 8.0, 8.0, 16.0, 32.0), rope_scale=4.0)
+  m = models.llama_init(cfg, jax.random.key(0))
+  jquant.gguf.export(tmp_path / "r.gguf", m.params, like=cfg)
+  reader = gguf.GGUFReader(tmp_path / "r.gguf")
+  np.testing.assert_array_equal(next(t for t in reader.tensors if t.name == "rope_freqs.weight").data,
+                                np.float32(cfg.rope_freq_factors))
+  assert jquant.gguf.read_config(reader) == cfg
+  # Copied from a source file with like=<path>, as llama.cpp's Llama 3.1 files carry it.
+  jquant.gguf.export(tmp_path / "copy.gguf", m.params, like=str(tmp_path / "r.gguf"))
+  assert models.from_gguf(tmp_path / "copy.gguf", tokenizer=False).config == cfg
+
+
+@pytest.mark.parametrize("opts", [dict(qk_norm=True), dict(activation="gelu_tanh"), dict(sliding_window=8)])
+def test_configs_no_gguf_architecture_expresses_are_refused(tmp_path, opts):
+  cfg = models.LlamaConfig(**opts)
+  with pytest.raises(NotImplementedError, match="no GGUF architecture jquant writes has the options"):
+    jquant.gguf.export(tmp_path / "x.gguf", {}, like=cfg)  # refused before any tensor is read
+  assert not os.path.exists(tmp_path / "x.gguf")

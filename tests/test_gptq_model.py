@@ -200,6 +200,16 @@ def test_non_finite_parameters_are_named_up_front(toy, path):
     gptq.quantize_model(m, bad, calib, RULES, batch_size=4, progress=False)
 
 
+def test_rules_matching_no_parameter_are_refused(toy):
+  """Reviewed: a rule whose pattern matches nothing (a typo, another model's names) left those weights float
+  without a word; now every such rule is named with the nearest parameter paths."""
+  m, calib, _ = toy
+  rules = RULES + [jquant.Rule(r"attn/q_proj/kernel", SPEC)]
+  with pytest.raises(ValueError, match=r"gptq.quantize_model: rules\[1\] \(pattern 'attn/q_proj/kernel', "
+                                       r"nearest paths \[.*\]\) matches no parameter"):
+    gptq.quantize_model(m, m.params, calib, rules, batch_size=4, progress=False)
+
+
 # ------------------------------------------------------------------ attention-sink remedy
 
 

@@ -371,3 +371,118 @@ def test_model_repr_is_short():
   m = jquant.models.llama_init(jquant.models.LlamaConfig(), jax.random.key(0))
   r = repr(m)
   assert len(r) < 400 and "params: 90,432 values" in r and r.startswith("Model(LlamaConfig(")
+
+
+# ----------------------------------------------------------------------------- Gemma 3 options, RoPE variants
+def _rope_half(x, theta, factors=None, scale=1.0):
+  """Hugging Face's rotation: pairs (i, i + hd/2) of each head. x (T, H, hd), float64."""
+  t, _, hd = x.shape
+  inv = theta ** (-np.arange(0, hd, 2) / hd)
+  if factors is not None:
+    inv = inv / np.asarray(factors, np.float64)
+  ang = (np.arange(t) / scale)[:, None] * inv[None, :]
+  c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+  x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+  return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_decoder(params, c, ids):
+  """float64 forward of jquant's parameter tree with every LlamaConfig option written out independently."""
+  f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  emb = f(params["embed"]["embedding"])
+  t, hd, nh, nkv, eps = len(ids), c.head_dim, c.n_heads, c.n_kv_heads, c.norm_eps
+  x = emb[np.asarray(ids)] * (np.sqrt(c.dim) if c.embed_scale else 1.0)
+  pos = np.arange(t)
+  for i in range(c.n_layers):
+    lp = params[f"layers_{i}"]
+    w = lambda sub, n: f(lp[sub][n]["kernel"])  # noqa: E731
+    is_global = c.sliding_window is None or (c.sliding_window_pattern and (i + 1) % c.sliding_window_pattern == 0)
+    theta = c.rope_theta if is_global or c.rope_local_theta is None else c.rope_local_theta
+    scale = c.rope_scale if is_global else 1.0
+    h = _rms(x, f(lp["attn_norm"]["scale"]), eps)
+    q, k = (h @ w("attn", "q")).reshape(t, nh, hd), (h @ w("attn", "k")).reshape(t, nkv, hd)
+    v = (h @ w("attn", "v")).reshape(t, nkv, hd)
+    if c.qk_norm:
+      q, k = _rms(q, f(lp["attn"]["q_norm"]["scale"]), eps), _rms(k, f(lp["attn"]["k_norm"]["scale"]), eps)
+    q, k = _rope_half(q, theta, c.rope_freq_factors, scale), _rope_half(k, theta, c.rope_freq_factors, scale)
+    mask = pos[:, None] >= pos[None, :]
+    if not is_global:
+      mask &= pos[:, None] - pos[None, :] < c.sliding_window
+    heads = []
+    for j in range(nh):
+      kv = j // (nh // nkv)
+      s = q[:, j] @ k[:, kv].T / np.sqrt(hd)
+      heads.append(_softmax(np.where(mask, s, -np.inf)) @ v[:, kv])
+    a = np.concatenate(heads, axis=-1) @ w("attn", "o")
+    x = x + (_rms(a, f(lp["post_attn_norm"]["scale"]), eps) if c.post_norms else a)
+    h = _rms(x, f(lp["mlp_norm"]["scale"]), eps)
+    g = h @ w("mlp", "gate")
+    act = _gelu_tanh(g) if c.activation == "gelu_tanh" else g / (1 + np.exp(-g))
+    m = (act * (h @ w("mlp", "up"))) @ w("mlp", "down")
+    x = x + (_rms(m, f(lp["post_mlp_norm"]["scale"]), eps) if c.post_norms else m)
+  return _rms(x, f(params["final_norm"]["scale"]), eps) @ emb.T
+
+
+# Two sliding-window layers (window 3, RoPE base 100) then a global one (base 1e6): Gemma 3's pattern, small.
+GEMMA_CFG = models.LlamaConfig(vocab_size=61, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, head_dim=16,
+                               rope_theta=1e6, norm_eps=1e-6, activation="gelu_tanh", qk_norm=True, post_norms=True,
+                               embed_scale=True, sliding_window=3, sliding_window_pattern=3, rope_local_theta=100.0)
+GEMMA_IDS = [2, 17, 33, 5, 60, 41, 8, 19, 27, 11]
+
+
+def random_norms(model, key=0):
+  """Norm scales 1 + 0.3 N(0, 1) (init leaves them at 1, which would hide a missing or misplaced norm)."""
+  rng = np.random.default_rng(key)
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, v: jnp.asarray(1 + 0.3 * rng.normal(size=v.shape), jnp.float32)
+      if jax.tree_util.keystr(kp).endswith("['scale']") else v, model.params)
+
+
+@pytest.fixture(scope="module")
+def gemma_toy():
+  m = models.llama_init(GEMMA_CFG, jax.random.key(5))
+  return models.Model(m.config, random_norms(m))
+
+
+def test_gemma3_options_match_numpy_reference(gemma_toy):
+  p = gemma_toy.params
+  assert set(p["layers_0"]) == {"attn_norm", "attn", "post_attn_norm", "mlp_norm", "mlp", "post_mlp_norm"}
+  assert p["layers_0"]["attn"]["q_norm"]["scale"].shape == (16,)
+  assert GEMMA_CFG.global_layers == (2,)
+  got = np.asarray(jax.jit(gemma_toy.apply)(p, jnp.asarray([GEMMA_IDS])))[0]
+  want = np_decoder(p, GEMMA_CFG, GEMMA_IDS)
+  assert _rel(got, want) < 2e-5
+  # Each option matters on these inputs: switching one off moves the reference far past that bound.
+  import dataclasses
+  for off in (dict(sliding_window=None), dict(rope_local_theta=None), dict(embed_scale=False),
+              dict(activation="silu"), dict(sliding_window_pattern=0)):
+    assert _rel(np_decoder(p, dataclasses.replace(GEMMA_CFG, **off), GEMMA_IDS), want) > 1e-3, off
+
+
+def test_rope_freq_factors_and_linear_scaling_match_reference():
+  cfg = models.LlamaConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, rope_theta=500.0,
+                           rope_freq_factors=(1.0, 1.0, 2.0, 4.0, 8.0, 8.0, 16.0, 32.0), rope_scale=2.0)
+  m = models.llama_init(cfg, jax.random.key(1))
+  ids = list(range(3, 40, 3))
+  got = np.asarray(jax.jit(m.apply)(m.params, jnp.asarray([ids])))[0]
+  assert _rel(got, np_decoder(m.params, cfg, ids)) < 2e-5
+  import dataclasses
+  plain = dataclasses.replace(cfg, rope_freq_factors=None, rope_scale=1.0)
+  assert _rel(np_decoder(m.params, plain, ids), np_decoder(m.params, cfg, ids)) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(activation="relu"), "activation='relu'; allowed: \\['gelu_tanh', 'silu'\\]"),
+    (dict(rope_freq_factors=(1.0, 2.0)), "rope_freq_factors has 2 values; allowed: head_dim/2 = 8"),
+    (dict(rope_freq_factors=(1.0,) * 7 + (0.0,)), "finite positive"),
+    (dict(rope_scale=0.0), "rope_scale=0.0"),
+    (dict(sliding_window=0), "sliding_window=0"),
+    (dict(sliding_window_pattern=-1), "sliding_window_pattern=-1"),
+])
+def test_config_options_are_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    models.LlamaConfig(**kwargs)

@@ -82,7 +82,7 @@ from jquant.qarray import dequantize, from_matrix, quantize, to_matrix
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import quantize_params
 from jquant.tokens import check_calibration_tokens
-from jquant.utils import check_finite
+from jquant.utils import check_finite, path_str
 
 PROPAGATE = ("float", "quantized")
 
@@ -504,7 +504,8 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
       or inf (checked up front, naming every such leaf); activation
       statistics holding NaN or inf (checked per block as soon as they are
       computed, naming the block's layers); token ids outside the model's
-      vocabulary (jquant's models).
+      vocabulary (jquant's models); a rule whose pattern matches no
+      parameter (naming it and the nearest paths).
     jquant.graph.GraphError: the model's blocks cannot be found or run in order.
     jquant.folds.FoldError: a given fold is not exact.
   """
@@ -515,6 +516,9 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
   if params is None:
     raise ValueError("awq.scale_model: params is None and the model holds none; pass its parameters.")
   _check_float(params)
+  from jquant.blockpass import check_rules_match
+  check_rules_match(rules, [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=intercept.is_quantized)[0]], "awq.scale_model")
   check_finite(params, "awq.scale_model", "params", "Fix these weights before AWQ.", is_leaf=intercept.is_quantized)
   check_calibration_tokens(model, calib, fn="awq.scale_model")
   check_finite({"calib": calib}, "awq.scale_model", "the calibration inputs",

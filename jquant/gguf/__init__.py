@@ -18,10 +18,10 @@ Example:
     >>> packed = jquant.gguf.load("/tmp/smollm2-q4_k.gguf")              # QArrays, bit-exact
 """
 
-from jquant.gguf import types, blocks
+from jquant.gguf import types, blocks, tokenizer
 from jquant.gguf.types import TYPES, QUANT_TYPES, FLOAT_TYPES, spec_for, type_of, fallback_type, bits_per_weight
 from jquant.gguf.writer import export, rules, ExportReport, TensorReport
 from jquant.gguf.reader import load, read_config
 
-__all__ = ["types", "blocks", "TYPES", "QUANT_TYPES", "FLOAT_TYPES", "spec_for", "type_of", "fallback_type",
+__all__ = ["types", "blocks", "tokenizer", "TYPES", "QUANT_TYPES", "FLOAT_TYPES", "spec_for", "type_of", "fallback_type",
            "bits_per_weight", "export", "rules", "ExportReport", "TensorReport", "load", "read_config"]

@@ -1,4 +1,7 @@
-"""jquant's Llama parameter paths <-> llama.cpp's GGUF tensor names, and the q/k row permutation.
+"""jquant's decoder parameter paths <-> llama.cpp's GGUF tensor names, and the q/k row permutation.
+
+One table serves both architectures jquant reads and writes: ``llama`` and
+``gemma3`` (whose extra tensors are the q/k norms and the post-norms).
 
 jquant's Llama (`jquant.models.llama`) keeps Dense kernels ``(in, out)`` and
 rotates RoPE pairs ``(i, i + hd/2)`` (Hugging Face order); a GGUF stores
@@ -20,12 +23,18 @@ import numpy as np
 
 _DENSE = {"attn/q": "attn_q", "attn/k": "attn_k", "attn/v": "attn_v", "attn/o": "attn_output",
           "mlp/gate": "ffn_gate", "mlp/up": "ffn_up", "mlp/down": "ffn_down"}
-_NORMS = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+_NORMS = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn/q_norm": "attn_q_norm",
+          "attn/k_norm": "attn_k_norm", "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}
+# Tensors that configure the model rather than hold parameters (read into LlamaConfig).
+CONFIG_TENSORS = ("rope_freqs.weight",)
+# Architectures whose converter permutes q/k rows for llama.cpp's adjacent-pair RoPE (gemma3 uses NeoX order).
+PERMUTED_ROPE = ("llama",)
 _TOP = {"embed/embedding": ("token_embd.weight", "embedding"), "final_norm/scale": ("output_norm.weight", "norm"),
         "lm_head/kernel": ("output.weight", "kernel")}
 
 SUPPORTED = ("embed/embedding", "final_norm/scale", "lm_head/kernel", "layers_<i>/attn/{q,k,v,o}/kernel",
-             "layers_<i>/mlp/{gate,up,down}/kernel", "layers_<i>/{attn_norm,mlp_norm}/scale")
+             "layers_<i>/mlp/{gate,up,down}/kernel",
+             "layers_<i>/{attn_norm,mlp_norm,post_attn_norm,post_mlp_norm,attn/q_norm,attn/k_norm}/scale")
 
 
 def gguf_name(path: str) -> tuple[str, str]:
@@ -40,7 +49,7 @@ def gguf_name(path: str) -> tuple[str, str]:
   m = re.fullmatch(r"layers_(\d+)/(attn/[qkvo]|mlp/(?:gate|up|down))/kernel", path)
   if m:
     return f"blk.{m.group(1)}.{_DENSE[m.group(2)]}.weight", "kernel"
-  m = re.fullmatch(r"layers_(\d+)/(attn_norm|mlp_norm)/scale", path)
+  m = re.fullmatch(r"layers_(\d+)/(attn_norm|mlp_norm|post_attn_norm|post_mlp_norm|attn/[qk]_norm)/scale", path)
   if m:
     return f"blk.{m.group(1)}.{_NORMS[m.group(2)]}.weight", "norm"
   raise ValueError(f"jquant.gguf: parameter {path!r} is not part of the Llama decoder GGUF export writes; "
@@ -64,13 +73,48 @@ def param_path(name: str) -> tuple[str, str]:
     for short, g in _NORMS.items():
       if g == m.group(2):
         return f"layers_{m.group(1)}/{short}/scale", "norm"
-  raise ValueError(f"jquant.gguf: tensor {name!r} is not part of the Llama decoder jquant builds; supported: "
-                   "token_embd, output_norm, output, blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,"
-                   "ffn_down,attn_norm,ffn_norm}.weight.")
+  raise ValueError(f"jquant.gguf: tensor {name!r} is not part of the decoder jquant builds; supported: "
+                   "token_embd, output_norm, output, rope_freqs, blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,"
+                   "ffn_up,ffn_down,attn_norm,ffn_norm,attn_q_norm,attn_k_norm,post_attention_norm,"
+                   "post_ffw_norm}.weight.")
 
 
-def rope_rows(path: str, n_heads: int, n_kv_heads: int):
-  """The number of heads whose rows llama.cpp permutes for this path (q: n_heads, k: n_kv_heads), or None."""
+_GEMMA3 = {"activation": "gelu_tanh", "qk_norm": True, "post_norms": True, "embed_scale": True}
+
+
+def arch_of(config) -> str:
+  """The GGUF architecture that writes a `jquant.models.LlamaConfig`: ``llama`` or ``gemma3``.
+
+  Raises:
+    NotImplementedError: a combination of options neither architecture
+      expresses (e.g. q/k norms without post-norms), or a query scale
+      llama.cpp would not apply; the message names the options.
+  """
+  opts = {k: getattr(config, k) for k in _GEMMA3}
+  if opts == _GEMMA3:
+    arch = "gemma3"
+  elif opts == {"activation": "silu", "qk_norm": False, "post_norms": False, "embed_scale": False} and (
+      config.sliding_window is None):
+    arch = "llama"
+  else:
+    raise NotImplementedError(f"jquant.gguf: no GGUF architecture jquant writes has the options {opts} "
+                              f"(sliding_window={config.sliding_window}); supported: llama (silu, no q/k norms, "
+                              f"post-norms, embedding scaling or window) and gemma3 ({_GEMMA3}).")
+  if config.attn_scale is not None and not (
+      arch == "gemma3" and config.n_layers == 62 and np.isclose(config.attn_scale, (config.dim / config.n_heads)
+                                                                 ** -0.5)):
+    raise NotImplementedError(f"jquant.gguf: attn_scale={config.attn_scale} is not what llama.cpp applies to {arch} "
+                              "(head_dim ** -0.5; Gemma 3 27B: (dim / n_heads) ** -0.5); supported: None.")
+  return arch
+
+
+def rope_rows(path: str, n_heads: int, n_kv_heads: int, arch: str = "llama"):
+  """The number of heads whose rows llama.cpp permutes for this path (q: n_heads, k: n_kv_heads), or None.
+
+  Only architectures in `PERMUTED_ROPE` are permuted; gemma3's converter keeps Hugging Face's row order.
+  """
+  if arch not in PERMUTED_ROPE:
+    return None
   if path.endswith("/attn/q/kernel"):
     return n_heads
   if path.endswith("/attn/k/kernel"):

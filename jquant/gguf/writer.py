@@ -1,8 +1,9 @@
-"""Writing a jquant Llama parameter tree as a GGUF file that llama.cpp loads and runs.
+"""Writing a jquant decoder parameter tree (``llama`` or ``gemma3``) as a GGUF file that llama.cpp runs.
 
 `export` writes each leaf as llama.cpp expects it: Dense kernels ``(in, out)``
 transposed to GGUF rows ``(out, in)``, the q/k rows permuted back for
-llama.cpp's RoPE, norms as F32. A `QArray` leaf whose spec is a GGML type's
+llama.cpp's RoPE (``llama`` only: ``gemma3`` keeps Hugging Face's order),
+norms as F32, a config's ``rope_freq_factors`` as the ``rope_freqs`` tensor. A `QArray` leaf whose spec is a GGML type's
 grid (`jquant.gguf.spec_for`) is written as that type from its own codes and
 scales (`jquant.gguf.blocks`), so the file holds exactly what RTN, GPTQ or AWQ
 solved; float leaves are written as a float type, or quantized (RTN) to the
@@ -161,14 +162,15 @@ def rules(params, type_name, *, fallback: bool = True, include: str = r".*", **s
 
 
 def _source(like):
-  """(metadata fields to copy, architecture, n_heads, n_kv_heads) from a GGUF path/reader or a config."""
+  """(source reader or None, architecture, n_heads, n_kv_heads, config or None) from a GGUF path/reader or a config."""
   gguf = _gguf()
+  from jquant.gguf.reader import ARCHITECTURES
   if like is None:
     from jquant.models.loaders import default_gguf_path
     like = default_gguf_path()
   config = getattr(like, "config", like)
   if hasattr(config, "n_kv_heads") and hasattr(config, "rope_theta"):
-    return None, "llama", config.n_heads, config.n_kv_heads, config
+    return None, names.arch_of(config), config.n_heads, config.n_kv_heads, config
   if isinstance(like, (str, os.PathLike)):
     if not os.path.isfile(like):
       raise FileNotFoundError(f"export: like={os.fspath(like)!r} is not a file; allowed: a .gguf file, a "
@@ -178,15 +180,16 @@ def _source(like):
     raise TypeError(f"export: like must be a .gguf path, a gguf.GGUFReader, a jquant Model or a LlamaConfig; "
                     f"got {type(like).__name__}.")
   arch = like.fields["general.architecture"].contents()
-  if arch != "llama":
-    raise NotImplementedError(f"export: the source's general.architecture={arch!r}; supported: 'llama'.")
+  if arch not in ARCHITECTURES:
+    raise NotImplementedError(f"export: the source's general.architecture={arch!r}; supported: {ARCHITECTURES}.")
   n_heads = int(like.fields[f"{arch}.attention.head_count"].contents())
   kv = like.fields.get(f"{arch}.attention.head_count_kv")
   return like, arch, n_heads, n_heads if kv is None else int(kv.contents()), None
 
 
-def _config_fields(writer, config, n_layers):
-  """llama.* metadata from a `LlamaConfig` (no tokenizer: for jquant's own loader and tests)."""
+def _config_fields(writer, config, n_layers, arch):
+  """``<arch>.*`` metadata from a `LlamaConfig` (no tokenizer: for jquant's own loader and tests)."""
+  from jquant.gguf.reader import GEMMA3_LOCAL_ROPE_THETA, GEMMA3_SLIDING_WINDOW_PATTERN
   writer.add_block_count(n_layers)
   writer.add_context_length(2048)
   writer.add_embedding_length(config.dim)
@@ -199,6 +202,17 @@ def _config_fields(writer, config, n_layers):
   writer.add_rope_freq_base(float(config.rope_theta))
   writer.add_layer_norm_rms_eps(float(config.norm_eps))
   writer.add_vocab_size(config.vocab_size)
+  if config.rope_scale != 1.0:
+    writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(config.rope_scale))
+  if arch == "gemma3":
+    if config.sliding_window is not None:
+      writer.add_sliding_window(int(config.sliding_window))
+    if config.sliding_window_pattern != GEMMA3_SLIDING_WINDOW_PATTERN:  # llama.cpp assumes 6; jquant reads this
+      writer.add_uint32(f"{arch}.attention.sliding_window_pattern", int(config.sliding_window_pattern))
+    local = config.rope_theta if config.rope_local_theta is None else config.rope_local_theta
+    if local != GEMMA3_LOCAL_ROPE_THETA:
+      writer.add_float32(f"{arch}.rope.freq_base_swa", float(local))
 
 
 def _tensor_data(name, leaf, kind, req, fallback, n_rope, path):
@@ -293,7 +307,8 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
   leaves = _leaves(params)
   n_layers = len({p.split("/")[0] for p in leaves if p.startswith("layers_")})
   if reader is not None:
-    _check_shapes(reader, leaves, n_layers)
+    _check_shapes(reader, leaves, n_layers, arch)
+  rope_freqs = _rope_freqs(reader, config)
   items = sorted(leaves.items(), key=lambda kv: _order(kv[0]))
   if progress:
     from tqdm.auto import tqdm
@@ -311,7 +326,9 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     else:
-      _config_fields(writer, config, n_layers)
+      _config_fields(writer, config, n_layers, arch)
+    if rope_freqs is not None:
+      writer.add_tensor("rope_freqs.weight", rope_freqs)
     for p, leaf in items:
       name, kind = names.gguf_name(p)
       req = None if kind == "norm" else _requested(types, p)
@@ -319,7 +336,7 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
         req_eff = None if float_type == "F32" else float_type
       else:
         req_eff = req
-      t, data, reason = _tensor_data(name, leaf, kind, req_eff, fallback, names.rope_rows(p, n_heads, n_kv), p)
+      t, data, reason = _tensor_data(name, leaf, kind, req_eff, fallback, names.rope_rows(p, n_heads, n_kv, arch), p)
       if t in types_mod.QUANT_TYPES or t == "BF16":
         writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t])
       else:
@@ -352,22 +369,31 @@ def _order(path: str):
   return (0 if path.startswith("embed") else 2, 0, path)
 
 
-def _check_shapes(reader, leaves: dict, n_layers: int):
+def _rope_freqs(reader, config) -> Optional[np.ndarray]:
+  """The ``rope_freqs`` tensor to write (float32 (head_dim/2,)): the source file's, or the config's factors."""
+  if reader is not None:
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    return None if t is None else np.asarray(_gguf().quants.dequantize(t.data, t.tensor_type), np.float32)
+  f = getattr(config, "rope_freq_factors", None)
+  return None if f is None else np.asarray(f, np.float32)
+
+
+def _check_shapes(reader, leaves: dict, n_layers: int, arch: str):
   """The tree must be the source file's model: same layer count, width and vocabulary."""
   def field(key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
-  want_layers = int(field("llama.block_count", n_layers))
+  want_layers = int(field(f"{arch}.block_count", n_layers))
   emb = leaves.get("embed/embedding")
   problems = []
   if want_layers != n_layers:
-    problems.append(f"{n_layers} layers vs the source's llama.block_count={want_layers}")
+    problems.append(f"{n_layers} layers vs the source's {arch}.block_count={want_layers}")
   if emb is not None:
     shape = tuple(emb.shape)
-    dim = int(field("llama.embedding_length", shape[1]))
+    dim = int(field(f"{arch}.embedding_length", shape[1]))
     if shape[1] != dim:
-      problems.append(f"embedding width {shape[1]} vs llama.embedding_length={dim}")
+      problems.append(f"embedding width {shape[1]} vs {arch}.embedding_length={dim}")
     tokens = field("tokenizer.ggml.tokens")
     if tokens is not None and len(tokens) != shape[0]:
       problems.append(f"{shape[0]} embedding rows vs {len(tokens)} tokenizer tokens")

@@ -83,7 +83,7 @@ from jquant.qarray import QArray, dequantize, quantize, to_matrix
 from jquant.spec import QuantSpec, Rule
 from jquant.tree import shard_like
 from jquant.tokens import check_calibration_tokens
-from jquant.utils import check_finite
+from jquant.utils import check_finite, path_str
 
 # The shared block pass's program cache and runner, under the names experiments/ instrument (bench_generic counts
 # the compiled steps, scale_gptq times each block's forward).
@@ -452,7 +452,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       calibration activations (naming the leaf); a Hessian that no dampening
       makes positive definite (naming the layers and the damps tried);
       weights contracted over non-adjacent axes; a mesh with non-``Auto``
-      axes, or params on several meshes.
+      axes, or params on several meshes; a rule whose pattern matches no
+      parameter (a mistyped pattern would leave weights float, silently).
     jquant.graph.GraphError: no blocks found, or blocks that cannot be run one
       at a time.
     TypeError: unknown solver options or rules that are not `jquant.Rule`.
@@ -487,6 +488,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       raise ValueError(f"quantize_model: position_weights must be {length} non-negative floats (one per window "
                        f"position), not all zero; got shape {position_weights.shape}.")
   apply, params, wrapped = blockpass.model_params(model, params, "quantize_model")
+  blockpass.check_rules_match(rules, [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=intercept.is_quantized)[0]], "gptq.quantize_model")
   check_finite(params, "gptq.quantize_model", "the float parameters",
                "A model with NaN or inf weights gives NaN outputs; fix or reload these leaves.",
                is_leaf=intercept.is_quantized)

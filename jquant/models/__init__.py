@@ -1,4 +1,4 @@
-"""Models: a Llama-style decoder (SmolLM2 from GGUF) and a BERT encoder (MiniLM).
+"""Models: a Llama-style decoder (SmolLM2 and Gemma 3 from GGUF) and a BERT encoder (MiniLM).
 
 Example:
     >>> import jquant
@@ -10,11 +10,11 @@ Example:
 
 from jquant.models.layers import RMSNorm, LayerNorm
 from jquant.models.llama import LlamaConfig, Model, llama_init, Transformer, Block
-from jquant.models.loaders import from_gguf, gguf_tokenizer, default_gguf_path
+from jquant.models.loaders import from_gguf, gguf_tokenizer, default_gguf_path, gemma3_270m_path
 from jquant.models.bert import BertConfig, BertModel, bert_init, from_safetensors
 
 __all__ = [
     "RMSNorm", "LayerNorm", "LlamaConfig", "Model", "llama_init", "Transformer", "Block",
-    "from_gguf", "gguf_tokenizer", "default_gguf_path", "BertConfig", "BertModel", "bert_init",
+    "from_gguf", "gguf_tokenizer", "default_gguf_path", "gemma3_270m_path", "BertConfig", "BertModel", "bert_init",
     "from_safetensors",
 ]

@@ -1,5 +1,7 @@
 """A Llama-style decoder in Flax Linen: RMSNorm, RoPE, grouped-query attention,
-SwiGLU MLP, tied (or separate) output embedding.
+SwiGLU MLP, tied (or separate) output embedding; with the Gemma 3 options
+(q/k norms, post-norms, GeGLU, embedding scaling, sliding-window layers with
+their own RoPE base) as configuration, not as another model.
 
 Parameters are a plain tree (Dense kernels laid out (in, out))::
 
@@ -8,6 +10,11 @@ Parameters are a plain tree (Dense kernels laid out (in, out))::
                   "mlp_norm": {"scale"}, "mlp": {"gate", "up", "down": {"kernel"}}},
      ...,
      "final_norm": {"scale"}}            # + "lm_head": {"kernel"} when untied
+
+With ``qk_norm`` each attention also holds ``q_norm``/``k_norm`` ``{"scale"}``
+(head_dim,); with ``post_norms`` each block holds ``post_attn_norm`` and
+``post_mlp_norm`` ``{"scale"}`` (d,). Norm scales multiply as stored: Gemma's
+``(1 + scale)`` is stored as ``1 + scale``, as llama.cpp's GGUF files do.
 
 It is an ordinary Flax model (``nn.Dense``, ``nn.Embed``, an RMSNorm); quantized
 trees run through `jquant.quantized`, as any user's model does. `Model.apply`
@@ -59,9 +66,33 @@ class LlamaConfig:
     tie_embeddings: Output logits use the input embedding table.
     dtype: Compute dtype of activations (``"float32"`` or ``"bfloat16"``);
       norms, softmax and logits stay float32.
+    rope_freq_factors: Llama 3.1-style per-frequency divisors (head_dim/2
+      floats, GGUF ``rope_freqs``): frequency i is
+      ``theta**(-2i/head_dim) / rope_freq_factors[i]``; None: plain RoPE.
+    rope_scale: Linear RoPE scaling of the global (not sliding-window)
+      layers: positions are divided by it (GGUF ``rope.scaling.type =
+      linear``; Gemma 3 4B+ use 8).
+    activation: ``"silu"`` (SwiGLU, Llama) or ``"gelu_tanh"`` (GeGLU with
+      the tanh approximation, Gemma).
+    qk_norm: RMSNorm over head_dim of every query and key head before RoPE
+      (Gemma 3, Qwen 3).
+    post_norms: RMSNorm of the attention and MLP outputs before the residual
+      add (Gemma 2/3 "sandwich" norms).
+    embed_scale: Multiply the embeddings by ``sqrt(dim)`` (Gemma; the tied
+      output head is not scaled).
+    attn_scale: Query scaling; None: ``head_dim ** -0.5``.
+    sliding_window: Keys visible to a query on sliding-window layers: those
+      with ``query_pos - key_pos < sliding_window``; None: every layer global.
+    sliding_window_pattern: With a window, layer i is global when
+      ``(i + 1) % sliding_window_pattern == 0`` (Gemma 3: 6, five local layers
+      then a global one); 0: every layer local.
+    rope_local_theta: RoPE base of the sliding-window layers (Gemma 3:
+      10000); None: ``rope_theta``.
 
   Example:
     >>> LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    >>> LlamaConfig.gemma3_270m().global_layers
+    (5, 11, 17)
   """
 
   vocab_size: int = 256
@@ -75,6 +106,16 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
+  rope_freq_factors: Optional[tuple] = None
+  rope_scale: float = 1.0
+  activation: str = "silu"
+  qk_norm: bool = False
+  post_norms: bool = False
+  embed_scale: bool = False
+  attn_scale: Optional[float] = None
+  sliding_window: Optional[int] = None
+  sliding_window_pattern: int = 0
+  rope_local_theta: Optional[float] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
@@ -92,6 +133,49 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE.")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"LlamaConfig: dtype={self.dtype!r}; allowed: 'float32', 'bfloat16'.")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"LlamaConfig: activation={self.activation!r}; allowed: {sorted(ACTIVATIONS)}.")
+    if self.rope_freq_factors is not None:
+      f = tuple(float(x) for x in np.asarray(self.rope_freq_factors, np.float64).reshape(-1))
+      if len(f) != self.head_dim // 2 or not all(np.isfinite(x) and x > 0 for x in f):
+        raise ValueError(f"LlamaConfig: rope_freq_factors has {len(f)} values; allowed: head_dim/2 = "
+                         f"{self.head_dim // 2} finite positive floats (GGUF rope_freqs), or None.")
+      object.__setattr__(self, "rope_freq_factors", f)
+    if not (np.isfinite(self.rope_scale) and self.rope_scale > 0):
+      raise ValueError(f"LlamaConfig: rope_scale={self.rope_scale!r}; allowed: a finite float > 0.")
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, (int, np.integer))
+                                            or self.sliding_window < 1):
+      raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window!r}; allowed: a positive int or None.")
+    if not isinstance(self.sliding_window_pattern, (int, np.integer)) or self.sliding_window_pattern < 0:
+      raise ValueError(f"LlamaConfig: sliding_window_pattern={self.sliding_window_pattern!r}; allowed: an int >= 0.")
+
+  def __repr__(self):
+    """The fields that differ from the defaults (a Gemma 3 config would not fit a line otherwise)."""
+    parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+             if f.name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim") or getattr(self, f.name) != f.default]
+    return f"LlamaConfig({', '.join(parts)})"
+
+  @property
+  def global_layers(self) -> tuple:
+    """Indices of the layers that attend to every earlier position (all of them without a window)."""
+    return tuple(i for i in range(self.n_layers) if self.is_global(i))
+
+  def is_global(self, layer: int) -> bool:
+    """Whether layer ``layer`` attends globally (see ``sliding_window_pattern``)."""
+    if self.sliding_window is None:
+      return True
+    p = self.sliding_window_pattern
+    return p > 0 and (layer + 1) % p == 0
+
+  def rope(self, layer: int) -> tuple:
+    """``(theta, position divisor, freq_factors)`` of layer ``layer``'s RoPE."""
+    if self.is_global(layer):
+      return self.rope_theta, self.rope_scale, self.rope_freq_factors
+    return (self.rope_theta if self.rope_local_theta is None else self.rope_local_theta), 1.0, self.rope_freq_factors
+
+  @property
+  def query_scale(self) -> float:
+    return float(self.head_dim) ** -0.5 if self.attn_scale is None else float(self.attn_scale)
 
   @classmethod
   def smollm2_135m(cls) -> "LlamaConfig":
@@ -99,11 +183,32 @@ class LlamaConfig:
     return cls(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                rope_theta=100000.0, norm_eps=1e-5)
 
+  @classmethod
+  def gemma3_270m(cls) -> "LlamaConfig":
+    """Gemma 3 270M's shape and options (for reference; `jquant.models.from_gguf` reads them from the file)."""
+    return cls(vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, ffn_dim=2048, head_dim=256,
+               rope_theta=1e6, norm_eps=1e-6, activation="gelu_tanh", qk_norm=True, post_norms=True,
+               embed_scale=True, sliding_window=512, sliding_window_pattern=6, rope_local_theta=10000.0)
 
-def rope_cos_sin(length: int, head_dim: int, theta: float):
-  """cos/sin tables (length, head_dim/2) for positions 0..length-1 (float32)."""
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def _inv_freq(head_dim: int, theta: float, scale: float = 1.0, factors=None):
+  """RoPE angular frequencies (head_dim/2,) float32, divided by the linear scale and the per-frequency factors."""
   inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None, :]
+  if factors is not None:
+    inv = inv / jnp.asarray(factors, jnp.float32)
+  return inv / scale if scale != 1.0 else inv
+
+
+def rope_cos_sin(length: int, head_dim: int, theta: float, scale: float = 1.0, factors=None):
+  """cos/sin tables (length, head_dim/2) for positions 0..length-1 (float32).
+
+  ``scale`` divides positions (linear RoPE scaling), ``factors`` divide the
+  frequencies one by one (Llama 3.1's ``rope_freqs``).
+  """
+  ang = jnp.arange(length, dtype=jnp.float32)[:, None] * _inv_freq(head_dim, theta, scale, factors)[None, :]
   return jnp.cos(ang), jnp.sin(ang)
 
 
@@ -120,10 +225,9 @@ def _dense(c: "LlamaConfig", features: int, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=jnp.dtype(c.dtype), name=name)
 
 
-def rope_cos_sin_at(positions, head_dim: int, theta: float):
+def rope_cos_sin_at(positions, head_dim: int, theta: float, scale: float = 1.0, factors=None):
   """cos/sin tables (B, T, head_dim/2) for per-row int positions (B, T) (float32, as `rope_cos_sin`)."""
-  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  ang = positions.astype(jnp.float32)[..., None] * inv
+  ang = positions.astype(jnp.float32)[..., None] * _inv_freq(head_dim, theta, scale, factors)
   return jnp.cos(ang), jnp.sin(ang)
 
 
@@ -139,6 +243,9 @@ class Attention(nn.Module):
   """Causal grouped-query self-attention with RoPE. Dense children: q, k, v, o.
 
   q, k and v receive the same input array (the attention norm's output).
+  With ``config.qk_norm`` the heads of q and k pass an RMSNorm (``q_norm``,
+  ``k_norm``) before RoPE; on sliding-window layers a query sees only the
+  last ``config.sliding_window`` positions.
 
   Attributes:
     config: The `LlamaConfig`.
@@ -146,16 +253,34 @@ class Attention(nn.Module):
       fake-quantizes keys (after RoPE) and values as that cache stores them
       (for perplexity with a quantized cache; KIVI keys: a query sees a key
       block quantized once the block is complete, as in decoding).
+    layer: The block's index (selects global or sliding-window attention and
+      the RoPE base, `LlamaConfig.rope`).
 
   ``kv=(layer_cache, spec, positions, start, pad)`` runs the cached path
   (`jquant.generate`): keys/values of the T input tokens are written at slots
   ``start..start+T-1`` of the `jquant.kvcache.LayerCache`, attention reads
-  the whole cache (slots before ``pad[b]`` and after each query masked) and
-  the call returns ``(out, new_layer_cache)``.
+  the whole cache (slots before ``pad[b]``, after each query and, on
+  sliding-window layers, ``sliding_window`` or more slots before it masked)
+  and the call returns ``(out, new_layer_cache)``.
   """
 
   config: LlamaConfig
   kv_quant: Any = None
+  layer: int = 0
+
+  def _scores(self, q, k):
+    """Attention logits (B, K, G, T, S) float32 of q (B, T, K, G, hd) against keys (B, S, K, hd)."""
+    c = self.config
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return s / np.sqrt(c.head_dim) if c.attn_scale is None else s * np.float32(c.attn_scale)
+
+  def _window(self, q_pos, k_pos):
+    """Visibility (..., T, S) of keys at k_pos from queries at q_pos: causal, and the window if local."""
+    c = self.config
+    ok = k_pos <= q_pos
+    if not c.is_global(self.layer):
+      ok = ok & (q_pos - k_pos < c.sliding_window)
+    return ok
 
   @nn.compact
   def __call__(self, x, kv=None):
@@ -165,22 +290,25 @@ class Attention(nn.Module):
     q = _dense(c, c.n_heads * hd, "q")(x).reshape(b, t, c.n_heads, hd)
     k = _dense(c, kvh * hd, "k")(x).reshape(b, t, kvh, hd)
     v = _dense(c, kvh * hd, "v")(x).reshape(b, t, kvh, hd)
+    if c.qk_norm:
+      q = RMSNorm(c.norm_eps, name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, name="k_norm")(k)
     if kv is not None:
       return self._cached(x, q, k, v, *kv)
-    cos, sin = rope_cos_sin(t, hd, c.rope_theta)
+    cos, sin = rope_cos_sin(t, hd, *c.rope(self.layer))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Query head h uses key/value head h // g (Hugging Face's repeat_kv order).
     q = q.reshape(b, t, kvh, g, hd)
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    pos = jnp.arange(t)
+    visible = self._window(pos[:, None], pos[None, :])
     if self.kv_quant is None:
-      scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+      scores = self._scores(q, k)
     else:
       k_hat, v = kvcache.fake_quantize(k, v, self.kv_quant)
-      scores = jnp.einsum("btkgd,bskd->bkgts", q, k_hat, preferred_element_type=jnp.float32) / np.sqrt(hd)
+      scores = self._scores(q, k_hat)
       if self.kv_quant.key_axis == "channel":  # the open block's keys are still float (KIVI's residual)
-        scores_f = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
-        scores = jnp.where(kvcache.channel_key_mask(t, self.kv_quant), scores, scores_f)
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(kvcache.channel_key_mask(t, self.kv_quant), scores, self._scores(q, k))
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * hd)
     return _dense(c, c.dim, "o")(out)
@@ -189,15 +317,16 @@ class Attention(nn.Module):
     c = self.config
     b, t, _ = x.shape
     hd, kvh, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
-    cos, sin = rope_cos_sin_at(positions, hd, c.rope_theta)
+    cos, sin = rope_cos_sin_at(positions, hd, *c.rope(self.layer))
     q, k = apply_rope_at(q, cos, sin), apply_rope_at(k, cos, sin)
     cache = kvcache.write(cache, spec, k, v, start, pad)
     keys, values = kvcache.read(cache, spec, start + t, x.dtype)
     q = q.reshape(b, t, kvh, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    scores = self._scores(q, keys)
     slot = jnp.arange(keys.shape[1])
-    visible = (slot[None, None, :] >= pad[:, None, None]) & (
-        slot[None, None, :] <= start + jnp.arange(t)[None, :, None])  # (B, T, S)
+    # Slots and positions differ by the row's padding only, so the window holds on slots.
+    visible = (slot[None, None, :] >= pad[:, None, None]) & self._window(
+        start + jnp.arange(t)[None, :, None], slot[None, None, :])  # (B, T, S)
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, c.n_heads * hd)
@@ -205,33 +334,41 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up receive the same input."""
+  """Gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (gelu_tanh); gate and up share x."""
 
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    h = jax.nn.silu(_dense(c, c.ffn_dim, "gate")(x)) * _dense(c, c.ffn_dim, "up")(x)
+    h = ACTIVATIONS[c.activation](_dense(c, c.ffn_dim, "gate")(x)) * _dense(c, c.ffn_dim, "up")(x)
     return _dense(c, c.dim, "down")(h)
 
 
 class Block(nn.Module):
   """Pre-norm transformer block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``.
 
+  With ``config.post_norms`` the attention and MLP outputs pass their own
+  RMSNorm (``post_attn_norm``, ``post_mlp_norm``) before the residual add.
   With ``kv`` (see `Attention`) it returns ``(h, new_layer_cache)``.
   """
 
   config: LlamaConfig
   kv_quant: Any = None
+  layer: int = 0
 
   @nn.compact
   def __call__(self, h, kv=None):
     c = self.config
-    a = Attention(c, self.kv_quant, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(h), kv)
+    a = Attention(c, self.kv_quant, self.layer, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(h), kv)
     a, cache = a if kv is not None else (a, None)
+    if c.post_norms:
+      a = RMSNorm(c.norm_eps, name="post_attn_norm")(a)
     h = h + a
-    h = h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+    m = MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+    if c.post_norms:
+      m = RMSNorm(c.norm_eps, name="post_mlp_norm")(m)
+    h = h + m
     return h if kv is None else (h, cache)
 
 
@@ -248,13 +385,17 @@ class Transformer(nn.Module):
   def setup(self):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(c.dim**-0.5))
-    self.layers = [Block(c, self.kv_quant) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
+    # named layers_0, layers_1, ...
+    self.layers = [Block(c, self.kv_quant, layer=i) for i in range(c.n_layers)]
     self.final_norm = RMSNorm(c.norm_eps)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype))
 
   def embed_tokens(self, tokens):
-    return self.embed(tokens).astype(self.config.dtype)
+    h = self.embed(tokens)
+    if self.config.embed_scale:
+      h = h * jnp.sqrt(jnp.float32(self.config.dim)).astype(h.dtype)
+    return h.astype(self.config.dtype)
 
   def head(self, h):
     h = self.final_norm(h)
