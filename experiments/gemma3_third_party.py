@@ -175,7 +175,7 @@ class Bench:
     out = f"round-trips {len(docs)}/{len(docs)} documents"
     sp = G.sentencepiece_processor(reader)
     if sp is not None:
-      same = sum(self.tok.encode(d).ids == sp.encode(d) for d in docs)
+      same = sum(self.tok.encode(d, add_special_tokens=False).ids == sp.encode(d) for d in docs)
       n_tok = sum(len(self.tok.encode(d).ids) for d in docs)
       out += f", ids equal SentencePiece's on {same}/{len(docs)} ({n_tok} tokens)"
       if same != len(docs):
@@ -202,7 +202,7 @@ class Bench:
 
     out = []
     for prompt in PROMPTS:
-      ids = [self.bos] + self.tok.encode(prompt).ids
+      ids = self.tok.encode(prompt).ids  # <bos> first: the file's add_bos_token
       probs = jax.nn.softmax(logits_at(ids))
       top = np.argsort(-np.asarray(probs))[:k]
       greedy = list(ids)

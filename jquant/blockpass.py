@@ -71,9 +71,17 @@ def check_rules(rules, fn: str) -> list:
   """``rules`` as a list, each a `jquant.Rule`.
 
   Raises:
-    TypeError: an element that is not a `jquant.Rule` (naming ``fn`` and its type).
+    TypeError: ``rules`` is one `jquant.Rule` or a string instead of a
+      list, or an element that is not a `jquant.Rule` (naming ``fn`` and its type).
+    ValueError: no rules (nothing would be quantized).
   """
+  if isinstance(rules, (Rule, str)):
+    raise TypeError(f"{fn}: rules must be a list of jquant.Rule objects; got one {type(rules).__name__}: wrap it as "
+                    "[rule].")
   rules = list(rules)
+  if not rules:
+    raise ValueError(f"{fn}: rules is empty; allowed: jquant.Rule(pattern, QuantSpec) objects selecting the weights "
+                     "to quantize (with none the result would be the float tree).")
   for r in rules:
     if not isinstance(r, Rule):
       raise TypeError(f"{fn}: rules must be jquant.Rule objects, got {type(r).__name__}.")

@@ -195,9 +195,9 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _check(n, length):
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-    raise ValueError(f"n={n!r}; allowed: a positive int.")
+    raise ValueError(f"jquant.data windows: n={n!r}; allowed: a positive int.")
   if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 2:
-    raise ValueError(f"length={length!r}; allowed: an int >= 2.")
+    raise ValueError(f"jquant.data windows: length={length!r}; allowed: an int >= 2.")
 
 
 def _stream(tokenizer, corpus: str, stop_after: Optional[int]):
@@ -233,7 +233,8 @@ def available_windows(tokenizer, corpus: str, length: int = 512) -> int:
   return len(_stream(tokenizer, corpus, None)) // length
 
 
-def token_windows(tokenizer, corpus: str, n: int, length: int = 512, *, seed: Optional[int] = None) -> np.ndarray:
+def token_windows(tokenizer, corpus: str, n: int, length: int = 512, *, seed: Optional[int] = None,
+                  bos: Optional[int] = None) -> np.ndarray:
   """``n`` non-overlapping windows of ``length`` tokens from ``corpus``.
 
   Args:
@@ -245,6 +246,11 @@ def token_windows(tokenizer, corpus: str, n: int, length: int = 512, *, seed: Op
     seed: None takes the first ``n`` windows (reads only as much text as
       needed); an int draws ``n`` distinct windows from the whole corpus with
       ``numpy.random.default_rng(seed)``, returned in corpus order.
+    bos: None (windows of running text, SmolLM2's convention: position 0 is
+      an ordinary token and becomes the attention sink), or a token id put at
+      position 0 of every window, followed by ``length - 1`` text tokens
+      (Gemma: ``tokenizer.token_to_id("<bos>")``; without it Gemma's
+      perplexity is several times higher).
 
   Returns:
     int32 array (n, length).
@@ -253,8 +259,24 @@ def token_windows(tokenizer, corpus: str, n: int, length: int = 512, *, seed: Op
     ValueError: Bad ``n``/``length``, or the corpus is too short (the message
       says how many windows of that length it has).
   """
+  if tokenizer is None or not hasattr(tokenizer, "encode"):
+    raise TypeError(f"token_windows: tokenizer must have an encode(text) method (a tokenizers.Tokenizer, "
+                    f"model.tokenizer); got {type(tokenizer).__name__}.")
   _check(n, length)
-  ids = _stream(tokenizer, corpus, n * length if seed is None else None)
+  if bos is not None and (isinstance(bos, bool) or not isinstance(bos, (int, np.integer)) or bos < 0):
+    raise ValueError(f"token_windows: bos={bos!r}; allowed: None or a token id (an int >= 0).")
+  text_len = length - (bos is not None)
+  ids = _stream(tokenizer, corpus, n * text_len if seed is None else None)
+  if bos is not None:  # cut windows of length - 1 text tokens, then put bos in front of each
+    return _with_bos(_cut(ids, corpus, n, text_len, seed), bos)
+  return _cut(ids, corpus, n, length, seed)
+
+
+def _with_bos(windows: np.ndarray, bos: int) -> np.ndarray:
+  return np.concatenate([np.full((len(windows), 1), bos, np.int32), windows], axis=1)
+
+
+def _cut(ids: np.ndarray, corpus: str, n: int, length: int, seed: Optional[int]) -> np.ndarray:
   total = len(ids) // length
   if total == 0:
     raise ValueError(f"corpus={corpus!r} tokenizes to {len(ids)} tokens, fewer than one window of "
@@ -269,24 +291,27 @@ def token_windows(tokenizer, corpus: str, n: int, length: int = 512, *, seed: Op
   return np.stack([ids[s * length:(s + 1) * length] for s in starts]).astype(np.int32)
 
 
-def calibration_windows(tokenizer, n: int, length: int = 512, seed: int = 0) -> np.ndarray:
-  """``n`` windows of news text (Lee corpus), drawn with ``seed``: calibration data.
+def calibration_windows(tokenizer, n: int, length: int = 512, seed: int = 0, *,
+                        bos: Optional[int] = None) -> np.ndarray:
+  """``n`` windows of news text (Lee corpus), drawn with ``seed``: calibration data (``bos``: `token_windows`).
 
   Example:
     >>> calib = calibration_windows(model.tokenizer, 32, length=512)   # (32, 512) int32
   """
-  return token_windows(tokenizer, "lee", n, length, seed=seed)
+  return token_windows(tokenizer, "lee", n, length, seed=seed, bos=bos)
 
 
-def eval_windows(tokenizer, n: int, length: int = 512) -> np.ndarray:
-  """The first ``n`` windows of cleaned Wikipedia: evaluation data (disjoint from calibration).
+def eval_windows(tokenizer, n: int, length: int = 512, *, bos: Optional[int] = None) -> np.ndarray:
+  """The first ``n`` windows of cleaned Wikipedia: evaluation data (disjoint from calibration; ``bos``: `token_windows`).
 
   Example:
     >>> evalw = eval_windows(model.tokenizer, 8)
+    >>> gemma_evalw = eval_windows(g.tokenizer, 8, bos=g.tokenizer.token_to_id("<bos>"))   # doctest: +SKIP
   """
-  return token_windows(tokenizer, "wikipedia", n, length, seed=None)
+  return token_windows(tokenizer, "wikipedia", n, length, seed=None, bos=bos)
 
 
-def shakespeare_windows(tokenizer, n: int, length: int = 512, seed: Optional[int] = None) -> np.ndarray:
-  """``n`` windows of Shakespeare (first ``n``, or drawn with ``seed``): an out-of-domain corpus."""
-  return token_windows(tokenizer, "shakespeare", n, length, seed=seed)
+def shakespeare_windows(tokenizer, n: int, length: int = 512, seed: Optional[int] = None, *,
+                        bos: Optional[int] = None) -> np.ndarray:
+  """``n`` windows of Shakespeare (first ``n``, or drawn with ``seed``): an out-of-domain corpus (``bos``: `token_windows`)."""
+  return token_windows(tokenizer, "shakespeare", n, length, seed=seed, bos=bos)

@@ -148,13 +148,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     padding per row (row b's prompt is ``tokens[b, pad[b]:]``).
 
   Raises:
-    ValueError: no prompts, or an empty one.
+    ValueError: no prompts, an empty one, or one flat list of ints (one
+      prompt must be wrapped: ``[ids]``).
+    TypeError: text instead of token ids.
   """
   if isinstance(prompts, (np.ndarray, jax.Array)):
     a = np.asarray(prompts)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
       raise ValueError(f"left_pad: prompts array must be (batch >= 1, length >= 1); got shape {a.shape}.")
     return a, np.zeros(a.shape[0], np.int32)
+  if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts)):
+    raise TypeError("left_pad: prompts are text; allowed: token ids. Tokenize first: "
+                    "[model.tokenizer.encode(text).ids for text in texts].")
+  if isinstance(prompts, (list, tuple)) and prompts and all(
+      isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompts):
+    raise ValueError(f"left_pad: prompts={list(prompts)[:8]}{'...' if len(prompts) > 8 else ''} is one flat list of "
+                     "ints; allowed: a list of B prompts, each a sequence of token ids. For one prompt pass "
+                     "[ids].")
   rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
   if not rows or any(len(r) == 0 for r in rows):
     raise ValueError(f"left_pad: prompts must be >= 1 non-empty sequences of token ids; got lengths "

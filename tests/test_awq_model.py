@@ -196,6 +196,8 @@ def test_given_folds_rules_and_errors(llama):
   with pytest.raises(ValueError, match=rf"awq.scale_model: rules\[{len(RULES)}\] \(pattern 'attn/q_proj', nearest "
                                        r"paths \[.*\]\) matches no parameter"):
     awq.scale_model(m, params, tok, RULES + [jquant.Rule("attn/q_proj", SPEC)], progress=False)
+  with pytest.raises(ValueError, match="awq.scale_model: rules is empty"):  # returned the float tree
+    awq.quantize_model(m, params, tok, [], progress=False)
 
 
 class _SqrtBlock(nn.Module):

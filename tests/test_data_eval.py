@@ -66,6 +66,22 @@ def test_window_errors_are_clear():
     data.calibration_windows(tok, 1, length=10**8)
 
 
+def test_bos_windows_put_the_token_before_length_minus_one_text_tokens():
+  """Gemma's convention (bos=): window i is [bos] + the i-th run of length - 1 text tokens."""
+  tok = CharTokenizer()
+  plain = data.eval_windows(tok, 3, length=15)
+  with_bos = data.eval_windows(tok, 3, length=16, bos=7)
+  assert with_bos.shape == (3, 16) and with_bos.dtype == np.int32
+  np.testing.assert_array_equal(with_bos[:, 0], 7)
+  np.testing.assert_array_equal(with_bos[:, 1:], plain)
+  drawn = data.calibration_windows(tok, 2, length=9, seed=3, bos=0)
+  assert set(drawn[:, 0]) == {0} and drawn.shape == (2, 9)
+  with pytest.raises(ValueError, match="bos=-1; allowed: None or a token id"):
+    data.eval_windows(tok, 1, length=8, bos=-1)
+  with pytest.raises(TypeError, match="tokenizer must have an encode"):
+    data.eval_windows(None, 1)
+
+
 def test_windows_cover_the_byte_stream_exactly():
   tok = CharTokenizer()
   w = data.calibration_windows(tok, 3, length=50, seed=None)

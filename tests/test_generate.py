@@ -164,5 +164,15 @@ def test_cached_decode_keeps_sliding_windows_and_gemma3_options():
   np.testing.assert_allclose(got[0], full[0, 3:], rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got[1], full[1, :7], rtol=2e-5, atol=2e-5)
   import dataclasses
-  no_window = np.asarray(apply(dataclasses.replace(cfg, sliding_window=None), m.params, unpadded))
+  no_window = np.asarray(apply(dataclasses.replace(cfg, sliding_window=10**6), m.params, unpadded))  # wider than T
   assert np.max(np.abs(no_window[0] - full[0])) > 1e-3  # the window changes these logits
+
+
+def test_flat_or_text_prompts_are_refused():
+  """New user: generate(m, p, [1, 2, 3]) silently ran three one-token prompts; text gave a dtype error."""
+  with pytest.raises(ValueError, match=r"prompts=\[1, 2, 3\] is one flat list of ints; .* pass \[ids\]"):
+    generate.left_pad([1, 2, 3])
+  with pytest.raises(TypeError, match="prompts are text; allowed: token ids. Tokenize first"):
+    generate.left_pad("hello")
+  with pytest.raises(TypeError, match="prompts are text"):
+    generate.left_pad(["a", "b"])

@@ -257,6 +257,16 @@ def test_rope_freqs_round_trip_through_the_file(tmp_path):
   assert models.from_gguf(tmp_path / "copy.gguf", tokenizer=False).config == cfg
 
 
+def test_export_argument_errors_name_the_argument(tmp_path, toy):
+  """From a new user's trial: a Model for params, a missing folder and a quantized float_type gave unclear errors."""
+  with pytest.raises(TypeError, match="params is a Model; allowed: a parameter tree: pass model.params"):
+    jquant.gguf.export(tmp_path / "m.gguf", toy, like=toy)
+  with pytest.raises(FileNotFoundError, match="the folder of path=.*nope.* does not exist"):
+    jquant.gguf.export(tmp_path / "nope" / "m.gguf", toy.params, like=toy)
+  with pytest.raises(ValueError, match=r"float_type='Q8_0'; allowed: \('F32', 'F16', 'BF16'\)"):
+    jquant.gguf.export(tmp_path / "m.gguf", toy.params, like=toy, float_type="Q8_0")
+
+
 @pytest.mark.parametrize("opts", [dict(qk_norm=True), dict(activation="gelu_tanh"), dict(sliding_window=8)])
 def test_configs_no_gguf_architecture_expresses_are_refused(tmp_path, opts):
   cfg = models.LlamaConfig(**opts)

@@ -78,6 +78,26 @@ def test_sentencepiece_tokenizer_encodes_by_score_and_round_trips():
   assert tok2.decode(tok2.encode("the cat").ids) == "the cat"
 
 
+def test_bos_is_prepended_when_the_file_asks_for_it():
+  """Gemma's files set tokenizer.ggml.add_bos_token: without <bos> its perplexity is several times higher, so
+  encode() adds it (llama.cpp's rule); add_special_tokens=False (jquant.data's windows) and decode leave it out."""
+  tok = T.gguf_tokenizer(_spm_reader(**{"tokenizer.ggml.add_bos_token": True}))
+  assert tok.encode("the cat").tokens == ["<bos>", "t", "he", "▁cat"]
+  assert tok.encode("the cat", add_special_tokens=False).tokens == ["t", "he", "▁cat"]
+  assert tok.decode(tok.encode("the cat").ids) == "the cat"
+  assert T.gguf_tokenizer(_spm_reader()).encode("the cat").tokens == ["t", "he", "▁cat"]
+  with pytest.raises(FileFormatError, match="add_bos_token is set but bos_token_id=999"):
+    T.gguf_tokenizer(_spm_reader(**{"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 999}))
+
+
+def test_files_without_a_tokenizer_and_non_readers_are_named():
+  fields = {k: v.contents() for k, v in _spm_reader().fields.items() if k != "tokenizer.ggml.model"}
+  with pytest.raises(NotImplementedError, match="the file has no tokenizer .*pass tokenizer=False"):
+    T.gguf_tokenizer(_Reader(fields))
+  with pytest.raises(TypeError, match="reader must be a .gguf path or a gguf.GGUFReader; got int"):
+    T.gguf_tokenizer(123)
+
+
 def test_sentencepiece_tokenizer_matches_the_sentencepiece_library():
   pytest.importorskip("sentencepiece")  # in the experiments venv; the checks above hold without it
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))

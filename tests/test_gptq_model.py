@@ -208,6 +208,10 @@ def test_rules_matching_no_parameter_are_refused(toy):
   with pytest.raises(ValueError, match=r"gptq.quantize_model: rules\[1\] \(pattern 'attn/q_proj/kernel', "
                                        r"nearest paths \[.*\]\) matches no parameter"):
     gptq.quantize_model(m, m.params, calib, rules, batch_size=4, progress=False)
+  with pytest.raises(ValueError, match="gptq.quantize_model: rules is empty"):  # returned the float tree
+    gptq.quantize_model(m, m.params, calib, [], progress=False)
+  with pytest.raises(TypeError, match="rules must be a list of jquant.Rule objects; got one Rule: wrap it"):
+    gptq.quantize_model(m, m.params, calib, RULES[0], progress=False)
 
 
 # ------------------------------------------------------------------ attention-sink remedy

@@ -458,7 +458,7 @@ def test_gemma3_options_match_numpy_reference(gemma_toy):
   assert _rel(got, want) < 2e-5
   # Each option matters on these inputs: switching one off moves the reference far past that bound.
   import dataclasses
-  for off in (dict(sliding_window=None), dict(rope_local_theta=None), dict(embed_scale=False),
+  for off in (dict(sliding_window=10**6), dict(rope_local_theta=None), dict(embed_scale=False),
               dict(activation="silu"), dict(sliding_window_pattern=0)):
     assert _rel(np_decoder(p, dataclasses.replace(GEMMA_CFG, **off), GEMMA_IDS), want) > 1e-3, off
 
@@ -482,7 +482,30 @@ def test_rope_freq_factors_and_linear_scaling_match_reference():
     (dict(rope_scale=0.0), "rope_scale=0.0"),
     (dict(sliding_window=0), "sliding_window=0"),
     (dict(sliding_window_pattern=-1), "sliding_window_pattern=-1"),
+    # From a new user's trial: each was accepted and gave NaN logits, another model, or a late unrelated error.
+    (dict(rope_theta=0.0), "rope_theta=0.0; allowed: a finite float > 0"),
+    (dict(rope_theta=float("nan")), "rope_theta=nan"),
+    (dict(norm_eps=-1.0), "norm_eps=-1.0; allowed: a finite float >= 0"),
+    (dict(head_dim=0), "head_dim=0; allowed: an even int >= 2"),
+    (dict(head_dim=16.0), "head_dim=16.0"),
+    (dict(attn_scale=0.0), "attn_scale=0.0; allowed: a finite float > 0 or None"),
+    (dict(qk_norm="false"), "qk_norm='false'; allowed: True or False"),
+    (dict(embed_scale=1), "embed_scale=1; allowed: True or False"),
+    (dict(sliding_window=True), "sliding_window=True; allowed: a positive int or None"),
+    (dict(rope_scale="2"), "rope_scale='2'; allowed: a finite float > 0"),
+    (dict(rope_local_theta="10000", sliding_window=4), "rope_local_theta='10000'"),
+    (dict(sliding_window_pattern=2), "describe sliding-window layers, but sliding_window=None"),
 ])
 def test_config_options_are_checked(kwargs, match):
   with pytest.raises(ValueError, match=match):
     models.LlamaConfig(**kwargs)
+
+
+def test_generate_refuses_bad_prompts_before_running(smollm2):
+  """From a new user's trial: 123 reached the tokenizers library, "" gave a dtype error, -3 a numpy error."""
+  with pytest.raises(TypeError, match="prompt must be a str; got int"):
+    smollm2.generate(smollm2.params, 123)
+  with pytest.raises(ValueError, match="prompt is empty"):
+    smollm2.generate(smollm2.params, "")
+  with pytest.raises(ValueError, match="max_new_tokens=-3; allowed: an int >= 1"):
+    smollm2.generate(smollm2.params, "hi", max_new_tokens=-3)

@@ -510,7 +510,8 @@ def scale_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional
     jquant.folds.FoldError: a given fold is not exact.
   """
   cfg = _config(config, overrides)
-  rules = list(rules)
+  from jquant.blockpass import check_rules
+  rules = check_rules(rules, "awq.scale_model")
   apply, own = graph.as_apply(model)
   params = own if params is None else params
   if params is None:

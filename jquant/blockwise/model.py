@@ -345,10 +345,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
   if blocks is not None and not isinstance(blocks, str):
     raise TypeError(f"blockwise.quantize_model: blocks={blocks!r}; allowed: None or one regex string naming the "
                     "blocks, e.g. r'layers_\\d+' or 'layers_(1|2)$' (see jquant.graph.find_blocks).")
-  rules = blockpass.check_rules(rules, "blockwise.quantize_model")
-  if not rules:
-    raise ValueError("blockwise.quantize_model: rules is empty; allowed: jquant.Rule(pattern, QuantSpec) objects "
-                     "selecting the weights to quantize.")
+  rules = blockpass.check_rules(rules, "blockwise.quantize_model")  # a list of Rules, not empty
   apply, params, wrapped = blockpass.model_params(model, params, "blockwise.quantize_model")
   quantized_leaves = [path_str(kp) for kp, v in jax.tree_util.tree_flatten_with_path(
       params, is_leaf=intercept.is_quantized)[0] if intercept.is_quantized(v)]

@@ -98,8 +98,9 @@ def arch_of(config) -> str:
     arch = "llama"
   else:
     raise NotImplementedError(f"jquant.gguf: no GGUF architecture jquant writes has the options {opts} "
-                              f"(sliding_window={config.sliding_window}); supported: llama (silu, no q/k norms, "
-                              f"post-norms, embedding scaling or window) and gemma3 ({_GEMMA3}).")
+                              f"(sliding_window={config.sliding_window}); supported: llama (activation='silu', "
+                              "and none of qk_norm, post_norms, embed_scale, sliding_window) and gemma3 "
+                              f"({_GEMMA3}).")
   if config.attn_scale is not None and not (
       arch == "gemma3" and config.n_layers == 62 and np.isclose(config.attn_scale, (config.dim / config.n_heads)
                                                                  ** -0.5)):

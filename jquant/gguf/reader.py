@@ -118,14 +118,16 @@ def read_config(reader, path: str = "<reader>", *, fn: str = "jquant.gguf.load")
       tie_embeddings="output.weight" not in names_)
   if arch == "gemma3":
     window = _field(reader, f"{arch}.attention.sliding_window")
+    # llama.cpp: Gemma 3 27B (62 layers) scales queries by (dim / n_heads) ** -0.5, the others by head_dim.
     common.update(
         activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
-        sliding_window=None if window is None else int(window),
-        sliding_window_pattern=int(_field(reader, f"{arch}.attention.sliding_window_pattern",
-                                          GEMMA3_SLIDING_WINDOW_PATTERN)),
-        rope_local_theta=_f32(_field(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA)),
-        # llama.cpp: Gemma 3 27B (62 layers) scales queries by (dim / n_heads) ** -0.5, the others by head_dim.
         attn_scale=(dim / n_heads) ** -0.5 if n_layers == 62 else None)
+    if window is not None:
+      common.update(
+          sliding_window=int(window),
+          sliding_window_pattern=int(_field(reader, f"{arch}.attention.sliding_window_pattern",
+                                            GEMMA3_SLIDING_WINDOW_PATTERN)),
+          rope_local_theta=_f32(_field(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA)))
   return LlamaConfig(**common)
 
 

@@ -14,7 +14,12 @@ Two kinds of vocabulary, as llama.cpp reads them (``llama-vocab.cpp``):
   Hugging Face's ``SentencePieceExtractor``.
 
 Control pieces (``<bos>``, ``<start_of_turn>``) are special tokens matched
-whole; user-defined pieces are matched whole. ``encode`` adds no BOS.
+whole (so ``"<eos>"`` inside text becomes that token, and ``decode`` drops
+special tokens unless ``skip_special_tokens=False``); user-defined pieces are
+matched whole. ``encode`` prepends the BOS token when the file asks for it
+(``tokenizer.ggml.add_bos_token``: Gemma yes, SmolLM2 no), as llama.cpp does;
+``encode(text, add_special_tokens=False)`` never does (`jquant.data` builds its
+windows that way).
 
 Example:
     >>> import jquant
@@ -91,11 +96,12 @@ def gguf_tokenizer(reader):
 
   Returns:
     A ``tokenizers.Tokenizer`` whose ids are the file's token ids; ``encode``
-    adds no BOS (prepend ``tokenizer.ggml.bos_token_id`` yourself).
+    prepends BOS if ``tokenizer.ggml.add_bos_token`` is set.
 
   Raises:
     ImportError: ``tokenizers`` is missing.
-    NotImplementedError: a ``tokenizer.ggml.model`` other than `KINDS`, or a
+    TypeError: ``reader`` is neither a path nor a ``gguf.GGUFReader``.
+    NotImplementedError: no tokenizer in the file, a ``tokenizer.ggml.model`` other than `KINDS`, or a
       ``tokenizer.ggml.pre`` jquant does not model (both named, with what is
       supported).
     jquant.files.FileFormatError: a missing or inconsistent vocabulary
@@ -104,18 +110,43 @@ def gguf_tokenizer(reader):
   Example:
     >>> tok = gguf_tokenizer("gemma-3-270m-q4_k_m.gguf")             # doctest: +SKIP
     >>> tok.encode("Hello world").tokens                              # doctest: +SKIP
-    ['Hello', '▁world']
+    ['<bos>', 'Hello', '▁world']
   """
   tk = _tokenizers()
   if isinstance(reader, (str, os.PathLike)):
     reader = read_gguf(reader, "gguf_tokenizer")
+  if not hasattr(reader, "fields"):
+    raise TypeError(f"gguf_tokenizer: reader must be a .gguf path or a gguf.GGUFReader; got "
+                    f"{type(reader).__name__}.")
   kind = _field(reader, "tokenizer.ggml.model")
+  if kind is None:
+    raise NotImplementedError("gguf_tokenizer: the file has no tokenizer (no tokenizer.ggml.model; e.g. exported "
+                              "with like=<a Model or LlamaConfig>); pass tokenizer=False, or export with like=<the "
+                              "source .gguf> to carry its tokenizer.")
   if kind == "gpt2":
-    return _byte_level_bpe(tk, reader)
-  if kind == "llama":
-    return _sentencepiece_bpe(tk, reader)
-  raise NotImplementedError(f"gguf_tokenizer: tokenizer.ggml.model={kind!r}; supported: {KINDS} (byte-level BPE, "
-                            "SentencePiece BPE).")
+    tok = _byte_level_bpe(tk, reader)
+  elif kind == "llama":
+    tok = _sentencepiece_bpe(tk, reader)
+  else:
+    raise NotImplementedError(
+        f"gguf_tokenizer: tokenizer.ggml.model={kind!r}; supported: {KINDS} (byte-level BPE, SentencePiece BPE).")
+  _add_bos(tk, tok, reader)
+  return tok
+
+
+def _add_bos(tk, tok, reader):
+  """``encode`` prepends BOS when ``tokenizer.ggml.add_bos_token`` says so (llama.cpp's rule)."""
+  if not _field(reader, "tokenizer.ggml.add_bos_token", False):
+    return
+  bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+  tokens = _field(reader, "tokenizer.ggml.tokens")
+  if bos_id is None or not 0 <= int(bos_id) < len(tokens):
+    raise FileFormatError(f"gguf_tokenizer: tokenizer.ggml.add_bos_token is set but bos_token_id={bos_id!r} is not "
+                          f"a token id in 0..{len(tokens) - 1}; the file's tokenizer is corrupted: pass "
+                          "tokenizer=False (jquant.gguf.load, jquant.models.from_gguf) or write the file again.")
+  bos = tokens[int(bos_id)]
+  tok.post_processor = tk.processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
+                                                        special_tokens=[(bos, int(bos_id))])
 
 
 def _byte_level_bpe(tk, reader):

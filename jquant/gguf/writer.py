@@ -289,6 +289,10 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
     An `ExportReport`.
 
   Raises:
+    TypeError: a `Model` instead of its parameter tree.
+    FileNotFoundError: the folder of ``path`` does not exist.
+    NotImplementedError: a config no GGUF architecture expresses (see
+      `jquant.gguf.names.arch_of`), or a source file of another architecture.
     ValueError: an unknown or unsupported type, a QArray not on a GGML grid
       or quantized along the wrong axis, non-finite weights, a parameter tree
       that does not match the source's shape, rows that do not fit and
@@ -297,10 +301,15 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
   """
   gguf = _gguf()
   from jquant.gguf import types as types_mod
+  if str(getattr(float_type, "name", float_type)).upper() not in types_mod.FLOAT_TYPES:
+    raise ValueError(f"export: float_type={float_type!r}; allowed: {types_mod.FLOAT_TYPES} (quantized types go "
+                     "in types=).")
   float_type = types_mod.check_type(float_type, "export")
-  if float_type not in types_mod.FLOAT_TYPES:
-    raise ValueError(f"export: float_type={float_type!r}; allowed: {types_mod.FLOAT_TYPES}.")
+  if hasattr(params, "params") and hasattr(params, "config"):
+    raise TypeError(f"export: params is a {type(params).__name__}; allowed: a parameter tree: pass model.params.")
   path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(os.path.dirname(path)):
+    raise FileNotFoundError(f"export: the folder of path={path!r} does not exist; create it first.")
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"export: path={path!r} exists; pass overwrite=True to replace it.")
   reader, arch, n_heads, n_kv, config = _source(like)

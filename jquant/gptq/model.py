@@ -400,7 +400,10 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       (``layers_3/attn/q/kernel``, NNX ``layers/3/attn/q/kernel``); the first
       match decides, spec None keeps a leaf in float. Each weight is quantized
       along the contraction axes its matmul uses (read from the model), whatever
-      the spec's ``axis``.
+      the spec's ``axis``. Selected leaves that no matmul inside a block reads
+      (the embedding, a head outside the blocks, norm scales) are rounded to
+      nearest with their spec, as `jquant.quantize_params` would; a rule that
+      matches no parameter at all, or an empty list, is an error.
     blocks: Optional regex naming the blocks on parameter paths (its match is
       the block key, e.g. ``r"decoder/layer_\\d+"``); default: repeated
       numbered submodules (`jquant.graph.find_blocks`).
@@ -465,7 +468,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   _check_options(solver_options)
   solver_options = {**MODEL_DEFAULTS, **solver_options}
   verbose = progress if verbose is None else verbose
-  rules = blockpass.check_rules(rules, "quantize_model")
+  rules = blockpass.check_rules(rules, "gptq.quantize_model")
   if isinstance(skip_positions, bool) or not isinstance(skip_positions, (int, np.integer)) or skip_positions < 0:
     raise ValueError(f"quantize_model: skip_positions={skip_positions!r}; allowed: an int >= 0.")
   skip_positions = int(skip_positions)

@@ -133,6 +133,21 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE.")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"LlamaConfig: dtype={self.dtype!r}; allowed: 'float32', 'bfloat16'.")
+    for name in ("qk_norm", "post_norms", "embed_scale", "tie_embeddings"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"LlamaConfig: {name}={getattr(self, name)!r}; allowed: True or False.")
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, (int, np.integer)) or self.head_dim < 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_dim!r}; allowed: an even int >= 2, or None.")
+    for name, lo in (("rope_theta", 0.0), ("norm_eps", None), ("rope_local_theta", 0.0), ("attn_scale", 0.0),
+                     ("rope_scale", 0.0)):
+      v = getattr(self, name)
+      if v is None and name in ("rope_local_theta", "attn_scale"):
+        continue
+      ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+      if not ok or (lo is not None and v <= lo) or (lo is None and v < 0):
+        what = "a finite float >= 0" if lo is None else "a finite float > 0"
+        raise ValueError(f"LlamaConfig: {name}={v!r}; allowed: {what}"
+                         f"{' or None' if name in ('rope_local_theta', 'attn_scale') else ''}.")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"LlamaConfig: activation={self.activation!r}; allowed: {sorted(ACTIVATIONS)}.")
     if self.rope_freq_factors is not None:
@@ -141,13 +156,16 @@ class LlamaConfig:
         raise ValueError(f"LlamaConfig: rope_freq_factors has {len(f)} values; allowed: head_dim/2 = "
                          f"{self.head_dim // 2} finite positive floats (GGUF rope_freqs), or None.")
       object.__setattr__(self, "rope_freq_factors", f)
-    if not (np.isfinite(self.rope_scale) and self.rope_scale > 0):
-      raise ValueError(f"LlamaConfig: rope_scale={self.rope_scale!r}; allowed: a finite float > 0.")
-    if self.sliding_window is not None and (not isinstance(self.sliding_window, (int, np.integer))
-                                            or self.sliding_window < 1):
+    if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
+        self.sliding_window, (int, np.integer)) or self.sliding_window < 1):
       raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window!r}; allowed: a positive int or None.")
-    if not isinstance(self.sliding_window_pattern, (int, np.integer)) or self.sliding_window_pattern < 0:
+    if isinstance(self.sliding_window_pattern, bool) or not isinstance(
+        self.sliding_window_pattern, (int, np.integer)) or self.sliding_window_pattern < 0:
       raise ValueError(f"LlamaConfig: sliding_window_pattern={self.sliding_window_pattern!r}; allowed: an int >= 0.")
+    if self.sliding_window is None and (self.sliding_window_pattern or self.rope_local_theta is not None):
+      raise ValueError(f"LlamaConfig: sliding_window_pattern={self.sliding_window_pattern!r} and rope_local_theta="
+                       f"{self.rope_local_theta!r} describe sliding-window layers, but sliding_window=None; allowed: "
+                       "set sliding_window, or leave them at 0 and None.")
 
   def __repr__(self):
     """The fields that differ from the defaults (a Gemma 3 config would not fit a line otherwise)."""
@@ -485,12 +503,22 @@ class Model:
   def generate(self, params, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (needs a tokenizer); returns the new text.
 
-    Runs the full forward on a fixed-length buffer so one compilation serves
-    every step (causal attention makes the padding after the cursor inert).
+    The tokenizer adds what its file asks for (Gemma's ``<bos>``). Runs the
+    full forward on a fixed-length buffer so one compilation serves every step
+    (causal attention makes the padding after the cursor inert).
+
+    Raises:
+      TypeError: a prompt that is not a str.
+      ValueError: no tokenizer, an empty prompt, or ``max_new_tokens < 1``.
     """
     if self.tokenizer is None:
       raise ValueError("generate: this model has no tokenizer; pass token ids to apply instead.")
+    if not isinstance(prompt, str):
+      raise TypeError(f"Model.generate: prompt must be a str; got {type(prompt).__name__}. For token ids use "
+                      "generate_ids or jquant.generate.generate.")
     ids = self.tokenizer.encode(prompt).ids
+    if not ids:
+      raise ValueError("Model.generate: prompt is empty (no tokens); allowed: a non-empty str.")
     return self.tokenizer.decode(self.generate_ids(params, ids, max_new_tokens))
 
   def generate_ids(self, params, ids, max_new_tokens: int = 8, *, buffer_len: Optional[int] = None) -> list[int]:
@@ -510,6 +538,8 @@ class Model:
         >>> m.generate_ids(m.params, [1, 2, 3], 4)      # doctest: +SKIP
         [17, 17, 201, 5]
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f"Model.generate: max_new_tokens={max_new_tokens!r}; allowed: an int >= 1.")
     ids = [int(i) for i in np.asarray(check_token_ids(np.asarray(ids), self.config.vocab_size,
                                                       fn="Model.generate_ids", name="ids")).reshape(-1)]
     n = len(ids)
@@ -541,5 +571,8 @@ def llama_init(config: LlamaConfig, key) -> Model:
   """
   if not isinstance(config, LlamaConfig):
     raise TypeError(f"llama_init: config must be a LlamaConfig, got {type(config).__name__}.")
+  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+    raise TypeError(f"llama_init: key must be a JAX PRNG key (jax.random.key(0)); got {type(key).__name__} "
+                    f"{key!r}.")
   params = jax.jit(Transformer(config).init)(key, jnp.zeros((1, 2), jnp.int32))["params"]
   return Model(config, jax.tree_util.tree_map(jnp.asarray, dict(params)))
