@@ -11,13 +11,16 @@ candidate (`jquant.mixed.measure`; 16 Lee news windows of 512 tokens), allocatio
     square of the calibration activations, what ``llama-imatrix`` computes, here from the same Hessians' diagonals:
     ``llama-imatrix`` itself is not in the Python package), against jquant's mixed precision among the GGML types
     whose blocks fit each weight's rows, allocated to the same or smaller FILE size, solved by RTN (and GPTQ with
-    ``--gptq``), exported with `jquant.gguf.export`; llama.cpp's perplexity on the same windows for every file.
+    ``--gptq``, on the candidates without Q4_1), exported with `jquant.gguf.export`; llama.cpp's perplexity on the
+    same windows for every file. ``--gptq-damage``: the allocation made with each candidate's Fisher damage times
+    GPTQ's layer loss over RTN's (`gptq_ratios`, cached), solved by GPTQ.
 
 Needs llama.cpp in ``.cache/llamacpp-venv`` (see ``experiments/gguf_llamacpp.py``). Sensitivities and results are
 cached (``.cache/mixed_precision/``, ``experiments/results/mixed_precision.json``); ``--fresh`` starts over.
 
 Usage:
-    python experiments/mixed_precision.py [--calib 16] [--eval 16] [--curve-eval 4] [--gptq] [--tiny]
+    python experiments/mixed_precision.py [--calib 16] [--eval 16] [--curve-eval 4] [--gptq] [--gptq-damage]
+        [--presets Q5_K_M] [--tiny]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -60,6 +64,58 @@ def spearman(a, b) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def gptq_ratios(m, calib, sens, *, include=r"^layers_\d+/", progress=True):
+  """``(T, C)`` float64: GPTQ's layer loss over RTN's, per weight and candidate (1 where GPTQ is not run).
+
+  Each weight is solved alone against the float model's Hessian of its inputs (`jquant.mixed.hessians`), with
+  the settings `jquant.gptq.quantize_model` uses (``MODEL_DEFAULTS``: act-order, damp 0.1; static groups).
+  Weights sharing an input (q/k/v, gate/up) are solved together, their columns side by side (with static
+  groups the columns are independent given H). Weights that ``include`` does not match (the tied embedding,
+  which the model pass rounds to nearest) keep ratio 1.
+  """
+  import jax
+  import jax.numpy as jnp
+  import jquant
+  from jquant import mixed
+  from jquant.gptq.model import MODEL_DEFAULTS
+  from jquant.qarray import dequantize, quantize, to_matrix
+
+  hs = mixed.hessians(m, calib, batch_size=2, progress=progress)
+  leaves = {jquant.utils.path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(m.params)[0]}
+  rows = {p: t for t, p in enumerate(sens.paths)}
+  groups = {}
+  for p in sens.paths:
+    if re.search(include, p):
+      groups.setdefault(id(hs[p]), []).append(p)
+  ratio = np.ones(sens.damage.shape)
+  it = list(groups.values())
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, desc="GPTQ damage", unit="group")
+  for g in it:
+    h = jnp.asarray(hs[g[0]], jnp.float32)
+    for c in range(len(sens.names)):
+      specs = [sens.specs[rows[p]][c] for p in g]
+      if any(sp is None for sp in specs):
+        continue
+      k_axes = [sp.axis if isinstance(sp.axis, tuple) else (sp.axis,) for sp in specs]
+      mats = [to_matrix(leaves[p], ka).astype(jnp.float32) for p, ka in zip(g, k_axes)]
+      w2 = jnp.concatenate(mats, axis=1)
+      spec0 = specs[0].replace(axis=0)
+      sol = jquant.gptq.solve_codes(w2, h, spec0, static_groups=True, **MODEL_DEFAULTS)
+      eg = w2 - dequantize(jquant.gptq.pack(sol, spec0), jnp.float32)
+      er = w2 - dequantize(quantize(w2, spec0), jnp.float32)
+      lg = 0.5 * jnp.sum(eg * (h @ eg), axis=0)
+      lr = 0.5 * jnp.sum(er * (h @ er), axis=0)
+      c0 = 0
+      for p, mat in zip(g, mats):
+        n = mat.shape[1]
+        a, b = float(jnp.sum(lg[c0:c0 + n])), float(jnp.sum(lr[c0:c0 + n]))
+        ratio[rows[p], c] = a / b if b > 0 else 1.0
+        c0 += n
+  return ratio
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--calib", type=int, default=16)
@@ -68,6 +124,10 @@ def main(argv=None):
   ap.add_argument("--length", type=int, default=512)
   ap.add_argument("--fisher-windows", type=int, default=8, help="calibration windows for the Fisher (first ones)")
   ap.add_argument("--gptq", action="store_true", help="also solve the mixed GGUF files with GPTQ")
+  ap.add_argument("--gptq-damage", action="store_true",
+                  help="also allocate with the Fisher damage scaled by GPTQ's layer-loss ratio over RTN per weight and "
+                       "candidate, and solve that allocation with GPTQ")
+  ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="file sizes to compare at")
   ap.add_argument("--tiny", action="store_true", help="shake-out run: 2 windows of 64 tokens, few points")
   ap.add_argument("--fresh", action="store_true")
   ap.add_argument("--skip-llama", action="store_true")
@@ -208,7 +268,24 @@ def main(argv=None):
                                 specs=tuple(tuple(r[j] for j in keep) for r in sens_gguf.specs))
     # bytes of the file besides the quantized weights: metadata, norms, alignment
     overhead = os.path.getsize(f32) - 4 * int(sens_gguf.numel.sum())
-    for preset in (PRESETS if not args.tiny else ("Q4_K_M",)):
+    no_q41_g = None
+    if args.gptq_damage:
+      rpath = os.path.join(cache_dir, "gptq_ratio_no_q41.npy")
+      if os.path.exists(rpath):
+        ratio = np.load(rpath)
+      else:
+        t0 = time.time()
+        ratio = gptq_ratios(m, calib, no_q41)
+        res["gptq_ratio_s"] = round(time.time() - t0, 1)
+        np.save(rpath, ratio)
+        save()
+      ok = no_q41.nbytes >= 0
+      solved = ok & np.array([p != "embed/embedding" for p in no_q41.paths])[:, None]  # the embedding: RTN
+      res["gptq_ratio"] = {n: [float(np.min(ratio[solved[:, j], j])), float(np.median(ratio[solved[:, j], j])),
+                               float(np.max(ratio[solved[:, j], j]))] for j, n in enumerate(no_q41.names)
+                           if solved[:, j].any()}
+      no_q41_g = no_q41._replace(damage=np.where(ok, no_q41.damage * ratio, no_q41.damage))
+    for preset in (args.presets if not args.tiny else ("Q4_K_M",)):
       for imat in ("", " imatrix"):
         key = preset + imat
         if key in L:
@@ -224,21 +301,28 @@ def main(argv=None):
         print(json.dumps({key: L[key]}), flush=True)
         save()
       target = min(L[preset + i]["bytes"] for i in ("", " imatrix") if "bytes" in L.get(preset + i, {}))
+      # GPTQ on the fair candidates only: with Q4_1 the allocation is Q4_1 almost everywhere, which static-group
+      # GPTQ reproduces exactly (the weights sit on that grid), so it would only repeat the RTN column.
       variants = [("rtn", sens_gguf, ""), ("rtn", no_q41, " no Q4_1")] + (
-          [("gptq", sens_gguf, "")] if args.gptq else [])
+          [("gptq", no_q41, " no Q4_1")] if args.gptq else []) + (
+          [("gptq", no_q41_g, " no Q4_1 GPTQ damage")] if args.gptq_damage else [])
       for solver, sv, vtag in variants:
         key = f"jquant mixed {solver}{vtag} @ {preset}"
         if key in L:
           continue
         t0 = time.time()
+        extra = {}
         budget = target - overhead - 32 * (len(jax.tree_util.tree_leaves(m.params)) + 1)
         for _ in range(3):
           alloc = mixed.allocate(sv, bytes=int(budget))
           if solver == "rtn":
             qp, _ = fast_quantize(alloc, sv)
           else:
-            qp = jquant.gptq.quantize_model(m, m.params, calib, list(alloc.rules), static_groups=True,
-                                            batch_size=2, progress=False, verbose=False)
+            t1 = time.time()
+            qp, rep_g = jquant.gptq.quantize_model(m, m.params, calib, list(alloc.rules), static_groups=True,
+                                                   batch_size=2, progress=False, verbose=False, return_report=True)
+            extra = {"solve_s": round(time.time() - t1), "gptq_loss": rep_g.total_loss,
+                     "rtn_loss": rep_g.total_rtn_loss, "rtn_leaves": list(rep_g.rtn_leaves)}
           path = os.path.join(cache_dir, f"mixed-{solver}{vtag.replace(' ', '-')}-{preset}.gguf")
           rep = jquant.gguf.export(path, qp, overwrite=True)
           excess = rep.nbytes - target
@@ -248,8 +332,8 @@ def main(argv=None):
         L[key] = {"bytes": rep.nbytes, "mb": rep.nbytes / 1e6, "bpw": alloc.bits_per_weight,
                   "ppl": _llama("ppl", path, wpath)["ppl"], "counts": alloc.counts(), "damage": alloc.damage,
                   "exact": alloc.exact, "method": alloc.method, "seconds": round(time.time() - t0),
-                  "types": {p: n for p, n in alloc.choices}}
-        print(json.dumps({k: v for k, v in L[key].items() if k != "types"}), flush=True)
+                  "types": {p: n for p, n in alloc.choices}, **extra}
+        print(json.dumps({key: {k: v for k, v in L[key].items() if k != "types"}}), flush=True)
         save()
   res["total_s"] = round(time.time() - t_start)
   save()
@@ -281,11 +365,13 @@ def write_outputs(res, out_base, args):
       lines.append(f"\nSpearman rank correlation of estimated damage ({t}) with measured perplexity over {n} points "
                    f"(uniform + mixed {t}): {rho:.3f}.")
   L = res.get("llama", {})
-  sol = [("rtn", ""), ("rtn", " no Q4_1")] + ([("gptq", "")] if args.gptq else [])
+  sol = [(a, b) for a, b in (("rtn", ""), ("rtn", " no Q4_1"), ("gptq", " no Q4_1"), ("gptq", " no Q4_1 GPTQ damage"))
+         if any(f"jquant mixed {a}{b} @ {p}" in L for p in PRESETS)]
   if L:
+    cols = " / ".join(f"jquant {a}{b}" for a, b in sol)
     lines += ["", "## (b) llama.cpp presets vs jquant mixed (GGML types, Fisher damage, same or smaller file)", "",
-              "| size of | file MB: preset / +imatrix / jquant / jquant no Q4_1 | bits/weight jquant (quantized weights) "
-              "| llama.cpp ppl: preset / preset+imatrix / jquant mixed / jquant mixed no Q4_1 |", "|---|---|---|---|"]
+              f"| size of | file MB: preset / +imatrix / {cols} | bits/weight: {cols} (quantized weights) "
+              f"| llama.cpp ppl: preset / preset+imatrix / {cols} |", "|---|---|---|---|"]
     if "F32" in L:
       lines.append(f"| F32 export | {L['F32']['mb']:.1f} | 32 | {L['F32']['ppl']:.3f} |")
     for p in PRESETS:
@@ -302,8 +388,16 @@ def write_outputs(res, out_base, args):
       for a, b in sol:
         k = f"jquant mixed {a}{b} @ {p}"
         if k in L:
+          extra = (f"; GPTQ solve {L[k]['solve_s']} s, layer loss GPTQ/RTN {L[k]['gptq_loss'] / L[k]['rtn_loss']:.3f}"
+                   if "solve_s" in L[k] else "")
           lines.append(f"\n{k}: {dict(sorted(L[k]['counts'].items()))} ({L[k]['method']}, "
-                       f"{'optimal' if L[k]['exact'] else 'not proven optimal'} for the per-weight model)")
+                       f"{'optimal' if L[k]['exact'] else 'not proven optimal'} for the per-weight model; "
+                       f"{L[k]['seconds']} s in all{extra})")
+  if "gptq_ratio" in res:
+    lines.append("\nGPTQ damage: per weight and candidate, GPTQ's layer loss over RTN's (each weight alone against "
+                 "the float model's Hessian; min / median / max over the weights): " + ", ".join(
+                     f"{n} {a:.2f} / {b:.2f} / {c:.2f}" for n, (a, b, c) in res["gptq_ratio"].items())
+                 + (f" ({res['gptq_ratio_s']} s)." if "gptq_ratio_s" in res else "."))
   with open(out_base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -315,7 +409,8 @@ def write_outputs(res, out_base, args):
   for p in PRESETS:
     for key, mk, col, lab in ((p, "^", "C3", "llama.cpp preset (llama.cpp ppl)"),
                               (p + " imatrix", "v", "C4", "llama.cpp preset + imatrix"),
-                              (f"jquant mixed rtn no Q4_1 @ {p}", "*", "C5", "jquant mixed GGML, no Q4_1")):
+                              (f"jquant mixed rtn no Q4_1 @ {p}", "*", "C5", "jquant mixed GGML, no Q4_1"),
+                              (f"jquant mixed gptq no Q4_1 @ {p}", "P", "C6", "jquant mixed GGML, no Q4_1, GPTQ")):
       if key in L and "ppl" in L[key] and "F32" in L:
         over = L["F32"]["mb"] * 1e6 - 4 * n_w
         ax.plot(8 * (L[key]["bytes"] - over) / n_w, L[key]["ppl"], mk, color=col, ms=9,
