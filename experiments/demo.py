@@ -14,6 +14,10 @@ The defaults keep the run near 10 minutes on 2 CPU cores: 8 calibration
 windows for every data-driven method, AWQ's scale search scored on 2 of them,
 and no AWQ+GPTQ rows (``--full`` adds them; ``experiments/awq_sweep.py`` and
 ``experiments/gptq_sweep.py`` run the larger settings).
+
+With ``--only``, the rows run (and the float32 reference) replace the rows of
+the same name in the existing ``demo.md``; the other rows are kept, and a note
+under the header says which rows were rerun and when.
 """
 
 from __future__ import annotations
@@ -93,13 +97,54 @@ def main(argv=None):
   _write(table, args, header, total, len(calib))
 
 
+def _parse_row(line):
+  """A table line of `_fmt_row` back to its dict (None for a line that is not a row)."""
+  cells = [c.strip() for c in line.strip().strip("|").split("|")]
+  if len(cells) != 7 or cells[0] == "method" or set(cells[0]) <= set("-"):
+    return None
+  try:
+    bits, mb, ppl, delta, quant_s, eval_s = (float(c.rstrip("%")) for c in cells[1:])
+  except ValueError:
+    return None
+  return {"method": cells[0], "bits": bits, "model_mb": mb, "ppl": ppl, "delta": delta / 100,
+          "quant_s": quant_s, "eval_s": eval_s}
+
+
+def _merge(path, table, args):
+  """``--only``: the existing demo.md's rows with those of ``table`` replaced (by method name) or appended.
+
+  Returns ``(head_lines, rows)``, or None when there is no demo.md to merge into.
+  """
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    lines = f.read().splitlines()
+  head = [l for l in lines if not l.startswith("|")]
+  while head and not head[-1].strip():
+    head.pop()
+  old = [r for r in map(_parse_row, lines) if r is not None]
+  new = {r["method"]: r for r in table}
+  rows = [new.pop(r["method"], r) for r in old] + list(new.values())
+  when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  head.append(f"\nRerun {when} with `--only {args.only}` ({len(table)} rows: {', '.join(r['method'] for r in table)}); "
+              "the other rows are from the run above. The machine was shared with other jobs during the rerun, "
+              "so its times are not comparable with the other rows'.")
+  return head, rows
+
+
 def _write(table, args, header, total, n_calib):
   import platform
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "demo.md"), "w") as f:
-    f.write(f"# make demo: SmolLM2-135M, {args.eval_windows} Wikipedia windows x {args.length} tokens\n\n")
-    f.write(f"{n_calib} calibration windows x {args.length} tokens (news); {os.cpu_count()} CPUs "
-            f"({platform.machine()}); total wall time {total / 60:.1f} min.\n\n")
+  path = os.path.join(RESULTS, "demo.md")
+  merged = _merge(path, table, args) if args.only else None
+  if merged is None:
+    head = [f"# make demo: SmolLM2-135M, {args.eval_windows} Wikipedia windows x {args.length} tokens\n",
+            f"{n_calib} calibration windows x {args.length} tokens (news); {os.cpu_count()} CPUs "
+            f"({platform.machine()}); total wall time {total / 60:.1f} min."]
+  else:
+    head, table = merged
+  with open(path, "w") as f:
+    f.write("\n".join(head) + "\n\n")
     f.write(header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|\n")
     f.writelines(_fmt_row(r) + "\n" for r in table)
   _plot(table, os.path.join(RESULTS, "demo_ppl_vs_bits.png"))
