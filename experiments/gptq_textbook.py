@@ -55,7 +55,7 @@ import time
 
 import numpy as np
 
-from results_cache import open_cache
+from results_cache import corpus_evaluator, open_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -259,16 +259,11 @@ def main(argv=None):
 
   import jax
   import jquant
-  from jquant import data, eval as jeval, gptq, models
+  from jquant import data, gptq, models
 
   model = models.from_gguf()
   calib = data.calibration_windows(model.tokenizer, args.calib_windows, length=args.length)
-  windows = {"wikipedia": data.eval_windows(model.tokenizer, args.eval_windows, length=args.length),
-             "shakespeare": data.shakespeare_windows(model.tokenizer, args.eval_windows, length=args.length)}
-
-  def evaluate(params):
-    return {c: jeval.perplexity(model, params, w, batch_size=args.batch_size, progress=False)[0]
-            for c, w in windows.items()}
+  windows, evaluate = corpus_evaluator(model, args.eval_windows, args.length, args.batch_size)
 
   if "float32" not in runs:
     runs["float32"] = evaluate(model.params)

@@ -31,7 +31,7 @@ import argparse
 import os
 import time
 
-from results_cache import open_cache
+from results_cache import corpus_evaluator, open_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -84,19 +84,15 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   import jquant
-  from jquant import data, eval as jeval, models
+  from jquant import models
 
   cache_path = args.out + ".json"
   settings = {"windows": args.windows, "length": args.length}
   cache, runs, save = open_cache(cache_path, settings, args.fresh)
 
   model = models.from_gguf()
-  windows = {"wiki": data.eval_windows(model.tokenizer, args.windows, length=args.length),
-             "shakespeare": data.shakespeare_windows(model.tokenizer, args.windows, length=args.length)}
-
-  def evaluate(params):
-    return {k: jeval.perplexity(model, params, w, batch_size=args.batch_size, progress=False)[0]
-            for k, w in windows.items()}
+  windows, evaluate = corpus_evaluator(model, args.windows, args.length, args.batch_size,
+                                       keys=("wiki", "shakespeare"))
 
   if "float32" not in runs:
     runs["float32"] = evaluate(model.params)
