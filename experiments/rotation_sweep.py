@@ -8,7 +8,10 @@ the residual stream, a Hadamard per value head (64) and an online Hadamard
 checked against the original on a calibration batch. Every
 ``layers_*/(attn|mlp)`` kernel is quantized (embedding/head and norms stay
 float32), as in ``gptq_sweep.py``, whose unrotated rows (same windows, same
-calls) this table quotes rather than recomputes.
+calls) this table quotes rather than recomputes. Every run is evaluated on the
+Wikipedia and the Shakespeare windows of ``gptq_sweep.py`` (8 x 512 tokens
+each, `jquant.data.eval_windows` / `jquant.data.shakespeare_windows`) in the
+process that quantized it.
 
 Runs (each timed, quantization only, on this machine):
 
@@ -20,12 +23,18 @@ Runs (each timed, quantization only, on this machine):
 * static per-tensor W8A8 (min-max calibration, `jquant.calibrate`) with rotation.
 
 Results are cached in ``experiments/results/rotation_sweep.json`` (a rerun skips runs already there) and
-written as ``rotation_sweep.md``.
+written as ``rotation_sweep.md``. Quantized params are not cached: a cached run that lacks a corpus (rows
+from before the Shakespeare column) is quantized again and evaluated on the missing corpus only; its first
+time stays, the new one is kept as ``quant_s_rerun``, and ``--recheck REGEX`` also re-evaluates Wikipedia
+for the matching rows (``wikipedia_rerun``: the recomputed weights against the cached number). ``--rows
+REGEX`` restricts a process to the matching runs (the others are neither computed nor evaluated).
 
 Usage:
     python experiments/rotation_sweep.py [--calib-windows 16] [--eval-windows 8] [--length 512] [--smoke]
+    python experiments/rotation_sweep.py --report   # the .md from the cached results only
     python experiments/rotation_sweep.py --only-partial --out experiments/results/rotation_sweep_partial
     python experiments/rotation_sweep.py --only-partial --keep 507 --gptq --out experiments/results/rotation_sweep_keep
+        [--rows "GPTQ|^RTN W4"] [--recheck "^GPTQ W4"]
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 from results_cache import open_cache
@@ -40,6 +50,7 @@ from results_cache import open_cache
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 KERNELS = r"layers_\d+/(attn|mlp)/\w+/kernel$"
+CORPORA = ("wikipedia", "shakespeare")
 
 
 def main(argv=None):
@@ -54,9 +65,17 @@ def main(argv=None):
                   help="with --only-partial: rotate all but these residual channels (SmolLM2's massive one: 507)")
   ap.add_argument("--gptq", action="store_true", help="with --only-partial: also GPTQ (and its W4A8/W4A4) on that "
                   "rotation")
+  ap.add_argument("--rows", default="", help="regex: only the runs whose names match (default: all)")
+  ap.add_argument("--recheck", default="", help="regex: recomputed cached runs matching it re-evaluate Wikipedia "
+                  "too (stored as wikipedia_rerun)")
+  ap.add_argument("--report", action="store_true", help="only rewrite the .md from the cached results")
   ap.add_argument("--smoke", action="store_true", help="a toy model, to check the script (not cached)")
   ap.add_argument("--out", default=os.path.join(RESULTS, "rotation_sweep"))
   args = ap.parse_args(argv)
+
+  settings = {k: getattr(args, k) for k in ("calib_windows", "eval_windows", "length")}
+  if args.report:
+    return write_report(open_cache(args.out + ".json", settings)[0], args.out, os.cpu_count())
 
   import jax
   import numpy as np
@@ -66,61 +85,47 @@ def main(argv=None):
   from jquant.calibrate import W8A8Spec, calibrate, convert
   from jquant.rotation import rotate, untie_embeddings
 
-  settings = {k: getattr(args, k) for k in ("calib_windows", "eval_windows", "length")}
   if args.smoke:
     model = models.llama_init(models.LlamaConfig(dim=48, n_heads=4, n_kv_heads=2, ffn_dim=96), jax.random.key(0))
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (4, 32)).astype(np.int32)
-    wiki = rng.integers(0, 256, (2, 32)).astype(np.int32)
+    windows = {c: rng.integers(0, 256, (2, 32)).astype(np.int32) for c in CORPORA}
     cache, runs, save = {"runs": {}}, {}, lambda: None
     cache["runs"] = runs
   else:
     cache, runs, save = open_cache(args.out + ".json", settings)
     model = models.from_gguf()
     calib = data.calibration_windows(model.tokenizer, args.calib_windows, length=args.length)
-    wiki = data.eval_windows(model.tokenizer, args.eval_windows, length=args.length)
+    windows = {"wikipedia": data.eval_windows(model.tokenizer, args.eval_windows, length=args.length),
+               "shakespeare": data.shakespeare_windows(model.tokenizer, args.eval_windows, length=args.length)}
 
-  ppl = ppl_fn(wiki, args.batch_size)
+  ppl = {c: ppl_fn(w, args.batch_size) for c, w in windows.items()}
+  run = run_fn(runs, save, ppl, args.rows, args.recheck)
   model = untie_embeddings(model)
   if args.only_partial:  # (a second process may run this part alongside the main one, into another cache)
-    return partial_runs(runs, run_fn(runs, save, ppl), model, calib, args.keep, args.gptq, args.batch_size)
+    partial_runs(runs, run, model, calib, args.keep, args.gptq, args.batch_size)
+    if not args.smoke:
+      write_report(*open_cache(os.path.join(RESULTS, "rotation_sweep.json"), settings)[:1],
+                   os.path.join(RESULTS, "rotation_sweep"), os.cpu_count())
+    return
   t = time.perf_counter()
   rot = jax.block_until_ready(rotate(model, model.params, calib[:2]))
   rot_s = time.perf_counter() - t
-  runs["rotation"] = {"quant_s": rot_s, "change": rot.change, "plan": rot.plan.summary()}
+  if "rotation" in runs:  # keep the first measurement; a rerun's rotation is recorded alongside
+    runs["rotation"].update(quant_s_rerun=rot_s, change_rerun=rot.change)
+  else:
+    runs["rotation"] = {"quant_s": rot_s, "change": rot.change, "plan": rot.plan.summary()}
   print("rotation", runs["rotation"], flush=True)
-  run = run_fn(runs, save, ppl)
   rules = RULES()
   rtn = lambda p: jquant.quantize_params(p, rules)
 
-  if "float32 rotated" not in runs:
-    runs["float32 rotated"] = {"quant_s": rot_s, "wikipedia": ppl(rot.model, rot.params)}
-    save()
-  print("float32 rotated", runs["float32 rotated"], flush=True)
+  run("float32 rotated", rot.model, lambda: rot.params, rot_s)
   run("RTN W4 g128 sym + rotation", rot.model, lambda: rtn(rot.params), rot_s)
-  gptq_box = {}
-
-  def gptq_rot():
-    t = time.perf_counter()
-    q = gptq.quantize_model(rot.model, rot.params, calib, rules, batch_size=args.batch_size, progress=False,
-                            verbose=False)
-    gptq_box["q"], gptq_box["s"] = q, time.perf_counter() - t
-    return q
-
-  need_gptq = any(n not in runs for n in ("GPTQ W4 g128 sym + rotation", "W4A8 GPTQ + rotation",
-                                          "W4A4 GPTQ + rotation"))
-  if need_gptq:
-    runs.pop("GPTQ W4 g128 sym + rotation", None)
-  run("GPTQ W4 g128 sym + rotation", rot.model, gptq_rot, rot_s)
-  gq = gptq_box.get("q")
-  gs = runs["GPTQ W4 g128 sym + rotation"]["quant_s"]
-  if gq is not None:
-    run("W4A8 GPTQ + rotation", rot.model, lambda: act(gq, 8), gs)
-    run("W4A4 GPTQ + rotation", rot.model, lambda: act(gq, 4), gs)
   run("W4A8 RTN + rotation", rot.model, lambda: act(rtn(rot.params), 8), rot_s)
   run("W4A8 RTN (no rotation)", model, lambda: act(rtn(model.params), 8))
   run("W4A4 RTN + rotation", rot.model, lambda: act(rtn(rot.params), 4), rot_s)
   run("W4A4 RTN (no rotation)", model, lambda: act(rtn(model.params), 4))
+  gptq_rows(run, rot.model, rot.params, calib, rot_s, "rotation", args.batch_size)  # the long pass last
   static = [jquant.Rule(KERNELS, W8A8Spec(activations="static"))]
 
   def w8a8_static():
@@ -134,27 +139,70 @@ def main(argv=None):
     write_report(cache, args.out, os.cpu_count())
 
 
-def ppl_fn(wiki, batch_size):
+def ppl_fn(windows, batch_size):
   from jquant import eval as jeval
-  return lambda m, params: jeval.perplexity(m, params, wiki, batch_size=batch_size, progress=False)[0]
+  return lambda m, params: jeval.perplexity(m, params, windows, batch_size=batch_size, progress=False)[0]
 
 
-def run_fn(runs, save, ppl):
-  """``run(name, model, quantize, base_s)``: times ``quantize()``, evaluates, caches; returns the params (None
-  when cached)."""
+def run_fn(runs, save, ppl, rows="", recheck=""):
+  """``run(name, model, quantize, base_s)``: times ``quantize()``, evaluates on every corpus of ``ppl`` (a
+  dict corpus -> ``ppl(model, params)``) the cached run lacks, caches; returns the params (None when nothing
+  was computed). ``run.needs(name)``: whether ``run`` would compute ``name``.
+
+  ``rows`` (regex, '' = all): runs not matching are skipped. A cached run missing a corpus is recomputed and
+  evaluated on that corpus only (``quant_s_rerun``: the new time); with ``recheck`` matching its name,
+  Wikipedia is evaluated again too, as ``wikipedia_rerun``.
+  """
   import jax
+  import jquant
+
+  def needs(name):
+    return bool((not rows or re.search(rows, name)) and any(c not in runs.get(name, {}) for c in ppl))
 
   def run(name, m, quantize, base_s=0.0):
-    q = None
-    if name not in runs:
-      t = time.perf_counter()
-      q = jax.block_until_ready(quantize())
-      runs[name] = {"quant_s": time.perf_counter() - t + base_s, "wikipedia": ppl(m, q)}
+    if not needs(name):
+      if name in runs:
+        print(name, {k: round(v, 3) for k, v in runs[name].items() if isinstance(v, float)}, flush=True)
+      return None
+    t = time.perf_counter()
+    q = jax.block_until_ready(quantize())
+    s = time.perf_counter() - t + base_s
+    r = runs.get(name)
+    todo = [c for c in ppl if r is None or c not in r]
+    if r is None:
+      r = runs[name] = {"quant_s": s}
+    else:
+      r["quant_s_rerun"] = s
+      if recheck and re.search(recheck, name):
+        r["wikipedia_rerun"] = ppl["wikipedia"](m, q)
+    bits = jquant.footprint(q).quantized_bits_per_weight
+    if bits:
+      r["bits"] = bits
+    for c in todo:
+      r[c] = ppl[c](m, q)
       save()
-    print(name, {k: round(v, 3) for k, v in runs[name].items()}, flush=True)
+    print(name, {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}, flush=True)
     return q
 
+  run.needs = needs
   return run
+
+
+def gptq_rows(run, model, params, calib, base_s, what, batch_size):
+  """GPTQ W4 g128 sym on a rotated model, and W4A8 / W4A4 on its weights: one GPTQ pass, only if one of the
+  three runs needs it."""
+  from jquant import gptq
+  names = [f"{m} + {what}" for m in ("GPTQ W4 g128 sym", "W4A8 GPTQ", "W4A4 GPTQ")]
+  if not any(run.needs(n) for n in names):
+    for n in names:
+      run(n, model, None)
+    return
+  t = time.perf_counter()
+  q = gptq.quantize_model(model, params, calib, RULES(), batch_size=batch_size, progress=False, verbose=False)
+  s = time.perf_counter() - t + base_s
+  run(names[0], model, lambda: q, s)
+  run(names[1], model, lambda: act(q, 8), s)
+  run(names[2], model, lambda: act(q, 4), s)
 
 
 def RULES():
@@ -174,9 +222,8 @@ def act(tree, bits):
 def partial_runs(runs, run, model, calib, keep=(), with_gptq=False, batch_size=8):
   """RTN W4 and W4A4 with the per-head and online rotations only (no residual rotation); with ``keep``, the
   full rotation leaving those residual channels (and their norm gains) fixed instead; ``with_gptq``: GPTQ W4
-  (and W4A8/W4A4 on its weights) on that rotation too."""
+  (and W4A8/W4A4 on its weights) on that rotation too, first."""
   import jquant
-  from jquant import gptq
   from jquant.rotation import RotationConfig, rotate
   rtn = lambda p: jquant.quantize_params(p, RULES())
   t = time.perf_counter()
@@ -184,26 +231,11 @@ def partial_runs(runs, run, model, calib, keep=(), with_gptq=False, batch_size=8
   what = f"rotation keeping channel(s) {','.join(map(str, keep))}" if keep else "heads/online rotation only"
   part = rotate(model, model.params, calib[:2], config=cfg)
   part_s = time.perf_counter() - t
+  if with_gptq:
+    gptq_rows(run, part.model, part.params, calib, part_s, what, batch_size)
   run(f"RTN W4 g128 sym + {what}", part.model, lambda: rtn(part.params), part_s)
   run(f"W4A4 RTN + {what}", part.model, lambda: act(rtn(part.params), 4), part_s)
   run(f"W4A8 RTN + {what}", part.model, lambda: act(rtn(part.params), 8), part_s)
-  if with_gptq:
-    box = {}
-
-    def solve():
-      t = time.perf_counter()
-      box["q"] = gptq.quantize_model(part.model, part.params, calib, RULES(), batch_size=batch_size, progress=False,
-                                     verbose=False)
-      box["s"] = time.perf_counter() - t + part_s
-      return box["q"]
-
-    names = [f"{m} + {what}" for m in ("GPTQ W4 g128 sym", "W4A8 GPTQ", "W4A4 GPTQ")]
-    if any(n not in runs for n in names):
-      runs.pop(names[0], None)
-    run(names[0], part.model, solve, part_s)
-    if "q" in box:
-      run(names[1], part.model, lambda: act(box["q"], 8), box["s"])
-      run(names[2], part.model, lambda: act(box["q"], 4), box["s"])
 
 
 QUOTED = {  # from experiments/results/gptq_sweep.json (same windows and calls), W4 g128 sym, no rotation
@@ -226,18 +258,26 @@ def write_report(cache, out, cpus):
       if p.get("settings") == st:
         runs = {**runs, **{k: v for k, v in p["runs"].items() if k not in runs}}
   fl = quoted.get("float32", {}).get("wikipedia") or runs["float32 rotated"]["wikipedia"]
+  fs = quoted.get("float32", {}).get("shakespeare") or runs["float32 rotated"].get("shakespeare")
   rows = [(k + " (gptq_sweep)", v) for k, v in quoted.items()] + [(k, v) for k, v in runs.items() if "wikipedia" in v]
   lines = [f"# Rotations on SmolLM2-135M: calibration {st['calib_windows']}x{st['length']} news tokens, evaluation "
-           f"{st['eval_windows']}x{st['length']} Wikipedia tokens", "",
+           f"{st['eval_windows']}x{st['length']} Wikipedia and Shakespeare tokens", "",
            f"Machine: {cpus}-core CPU container, shared (times are wall-clock quantization, rotation included where "
            f"used). Rotation: {runs['rotation']['plan']}; rotated float model's relative logit change on a "
            f"calibration batch {runs['rotation']['change']:.2g}; rotating took {runs['rotation']['quant_s']:.0f} s. "
            "W4 = symmetric 4-bit, g128 (pad_groups), every block kernel; A8/A4 = per-token symmetric int "
            "activations through jquant.ops.IntMatmulWeight; W8A8 static = per-tensor min-max activation scale, "
-           "per-channel int8 weights.", "",
-           "| run | wiki ppl | vs float | quant s |", "|---|---:|---:|---:|"]
+           "per-channel int8 weights. Shakespeare '-': not measured (rows from before the Shakespeare column "
+           "that were not rerun). Rerun rows: wiki (rerun) is the recomputed weights' Wikipedia perplexity, to "
+           "compare with the cached one; quant s is the first run's time.", "",
+           "| run | wiki ppl | vs float | shakespeare ppl | vs float | wiki (rerun) | quant s |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for name, v in rows:
-    lines.append(f"| {name} | {v['wikipedia']:.2f} | {100 * (v['wikipedia'] / fl - 1):+.1f}% | {v['quant_s']:.0f} |")
+    sh = v.get("shakespeare")
+    shs = f"{sh:.2f} | {100 * (sh / fs - 1):+.1f}%" if sh and fs else "- | -"
+    rr = f"{v['wikipedia_rerun']:.2f}" if "wikipedia_rerun" in v else "-"
+    lines.append(f"| {name} | {v['wikipedia']:.2f} | {100 * (v['wikipedia'] / fl - 1):+.1f}% | {shs} | {rr} | "
+                 f"{v['quant_s']:.0f} |")
   with open(out + ".md", "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
