@@ -90,9 +90,6 @@ class GenerateResult(NamedTuple):
 
 
 def _check_model(model, fn):
-  # `jquant.ops.qdot` imports the Pallas kernels late; their trace contexts are part of the jit cache
-  # key, so import them before the first trace here, or the first compilation is repeated once.
-  from pallas_kernels import w4a16  # noqa: F401
   from jquant.models.llama import LlamaConfig
   if not isinstance(getattr(model, "config", None), LlamaConfig):
     raise TypeError(f"{fn}: model must be a jquant.models.Model (Llama-style decoder); got {type(model).__name__}.")
@@ -209,13 +206,9 @@ def _decode_fn(config):
   return quantized(fn)
 
 
-@jax.jit
-def _set_pad(cache, pad):
-  return cache.replace(pad=pad)
-
-
-def _prefill_impl(config, params, tokens, cache):
+def _prefill_impl(config, params, tokens, pad, cache):
   TRACES["prefill"] += 1
+  cache = cache.replace(pad=pad)
   pos = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - cache.pad[:, None], 0)
   return _decode_fn(config)(params, tokens, pos, cache, jnp.zeros((), jnp.int32))
 
@@ -234,7 +227,7 @@ def _sample_step_impl(config, sampler, params, cache, tokens, done, key, step, s
   return nxt, done | (nxt == stop), cache
 
 
-_prefill_jit = jax.jit(_prefill_impl, static_argnums=0, donate_argnums=3)
+_prefill_jit = jax.jit(_prefill_impl, static_argnums=0, donate_argnums=4)
 _step_jit = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
 _sample_step_jit = jax.jit(_sample_step_impl, static_argnums=(0, 1), donate_argnums=3)
 _first_jit = jax.jit(lambda sampler, logits, key: sample(logits, jax.random.fold_in(key, 0), sampler),
@@ -272,8 +265,7 @@ def prefill(model, params, tokens, pad, cache: KVCache):
       pad >= tokens.shape[1]):
     raise ValueError(f"prefill: pad={pad!r}; allowed: ints (batch={b},) in 0..{tokens.shape[1] - 1} "
                      "(each row keeps >= 1 prompt token).")
-  cache = _set_pad(cache, jnp.asarray(pad, jnp.int32))
-  return _prefill_jit(c, params, jnp.asarray(tokens, jnp.int32), cache)
+  return _prefill_jit(c, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(pad, jnp.int32), cache)
 
 
 def decode_step(model, params, cache: KVCache, tokens):

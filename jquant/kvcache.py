@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import packing
+
 KEY_AXES = ("token", "channel")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,14 +129,13 @@ def check_spec(spec, head_dim: int, fn: str) -> Optional[KVCacheSpec]:
 
 
 def pack_int4(codes):
-  """uint8 codes in [0, 15] (..., n) with n even -> (..., n/2) bytes, ``c[2i] | c[2i+1] << 4``."""
-  return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(jnp.uint8)
+  """uint8 codes in [0, 15] (..., n) with n even -> (..., n/2) bytes, ``c[2i] | c[2i+1] << 4`` (`jquant.packing`)."""
+  return packing.pack(codes, 4, axis=-1)
 
 
 def unpack_int4(packed):
   """Inverse of `pack_int4`: (..., n/2) bytes -> (..., n) uint8 codes."""
-  lo, hi = packed & 15, packed >> 4
-  return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+  return packing.unpack(packed, 4, packed.shape[-1] * 2, axis=-1)
 
 
 def _encode(xf, mn, mx, spec: KVCacheSpec):

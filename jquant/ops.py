@@ -51,6 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.qarray import QArray, dequantize
+# The kernels are imported with jquant, not on the first traced qdot: an import inside a trace changes the
+# trace context that is part of jit's cache key, so the first compilation of a quantized model would be repeated.
+# pallas_kernels imports no jquant at load time, so there is no cycle.
+from pallas_kernels import w4a16, w8a8
 
 _MIN_AMAX = 1e-8  # a static layer whose calibration input was all zeros still gets a finite, positive scale
 
@@ -281,7 +285,7 @@ class W8A8Weight(NamedTuple):
     if not kernels_enabled():
       y = xla_w8a8(xq, xs, w.qvalue, w.scale)
     else:
-      from pallas_kernels import w8a8  # Pallas on TPU/CUDA (chosen at lowering), this XLA code elsewhere.
+      # Pallas on TPU/CUDA (chosen at lowering), this XLA code elsewhere.
       y = w8a8.w8a8_matmul(xq, xs, w.qvalue, w.scale, out_dtype=x.dtype, fallback=xla_w8a8)
     if self.act_scale is not None:  # static: a row with NaN/inf has no meaningful codes; its output row is NaN
       y = jnp.where(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True), y, jnp.asarray(jnp.nan, y.dtype))
@@ -321,7 +325,6 @@ def _weight_only(x, w: QArray):
   """Packed weights: the Pallas kernel on TPU/CUDA where it reads the layout, XLA elsewhere."""
   if not kernels_enabled():
     return _xla_weight_only(x, w)
-  from pallas_kernels import w4a16  # late: keeps `import jquant` light and free of cycles
   if not w4a16.supports(w):
     return _xla_weight_only(x, w)
   return w4a16.qarray_matmul(x, w, out_dtype=x.dtype, fallback=lambda x2: _xla_weight_only(x2, w))

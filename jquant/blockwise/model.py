@@ -425,7 +425,9 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     if not np.isfinite(start_loss):
       raise ValueError(f"blockwise.quantize_model: the start's block output error of {seg.name!r} is "
                        f"{start_loss} although every weight and input is finite: the block's activations "
-                       "overflow; run the model in float32.")
+                       "overflow; run the model in float32. If the inputs are token ids, check they lie in the "
+                       "embedding's vocabulary: Flax's nn.Embed gives NaN rows for ids outside it "
+                       "(jquant.tokens.check_token_ids(tokens, vocab_size, fn=...) names them).")
     theta, opt_state = theta0, fns[0][2].init(theta0)
     visit = []
     for k in range(cfg.steps):
@@ -451,6 +453,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, init=None, bl
     bar.set_postfix_str(f"{seg.name} loss/start {reports[-1].loss / max(start_loss, 1e-30):.3f}")
     if i + 1 < len(segs):
       states = runs.forward(i, deq_flat, states)
+    for r in rels:  # only block i's forward reads these dequantized copies: keep memory near one block's
+      deq_flat[targets[r][0]] = flat[targets[r][0]]
   bar.close()
   del states
 

@@ -79,7 +79,13 @@ def param_path(name: str) -> tuple[str, str]:
                    "post_ffw_norm}.weight.")
 
 
-_GEMMA3 = {"activation": "gelu_tanh", "qk_norm": True, "post_norms": True, "embed_scale": True}
+# The LlamaConfig options of llama.cpp's gemma3 architecture (read by jquant.gguf.reader, checked by arch_of).
+GEMMA3_OPTIONS = {"activation": "gelu_tanh", "qk_norm": True, "post_norms": True, "embed_scale": True}
+
+
+def gemma3_attn_scale(dim: int, n_heads: int, n_layers: int):
+  """llama.cpp's gemma3 query scale: ``(dim / n_heads) ** -0.5`` for the 27B (62 layers); None (head_dim) otherwise."""
+  return (dim / n_heads) ** -0.5 if n_layers == 62 else None
 
 
 def arch_of(config) -> str:
@@ -90,8 +96,8 @@ def arch_of(config) -> str:
       expresses (e.g. q/k norms without post-norms), or a query scale
       llama.cpp would not apply; the message names the options.
   """
-  opts = {k: getattr(config, k) for k in _GEMMA3}
-  if opts == _GEMMA3:
+  opts = {k: getattr(config, k) for k in GEMMA3_OPTIONS}
+  if opts == GEMMA3_OPTIONS:
     arch = "gemma3"
   elif opts == {"activation": "silu", "qk_norm": False, "post_norms": False, "embed_scale": False} and (
       config.sliding_window is None):
@@ -100,10 +106,9 @@ def arch_of(config) -> str:
     raise NotImplementedError(f"jquant.gguf: no GGUF architecture jquant writes has the options {opts} "
                               f"(sliding_window={config.sliding_window}); supported: llama (activation='silu', "
                               "and none of qk_norm, post_norms, embed_scale, sliding_window) and gemma3 "
-                              f"({_GEMMA3}).")
-  if config.attn_scale is not None and not (
-      arch == "gemma3" and config.n_layers == 62 and np.isclose(config.attn_scale, (config.dim / config.n_heads)
-                                                                 ** -0.5)):
+                              f"({GEMMA3_OPTIONS}).")
+  rule = gemma3_attn_scale(config.dim, config.n_heads, config.n_layers) if arch == "gemma3" else None
+  if config.attn_scale is not None and not (rule is not None and np.isclose(config.attn_scale, rule)):
     raise NotImplementedError(f"jquant.gguf: attn_scale={config.attn_scale} is not what llama.cpp applies to {arch} "
                               "(head_dim ** -0.5; Gemma 3 27B: (dim / n_heads) ** -0.5); supported: None.")
   return arch

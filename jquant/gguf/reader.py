@@ -55,7 +55,9 @@ def _int_field(reader, name, path, fn, default=None):
                           "incomplete or not a supported model, write it again.") from None
 
 
-def _rope_freqs(reader, path, fn, gguf):
+def rope_freqs(reader):
+  """The ``rope_freqs`` tensor's factors (a tuple of floats), or None when the file has none."""
+  import gguf
   t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
   if t is None:
     return None
@@ -83,7 +85,6 @@ def read_config(reader, path: str = "<reader>", *, fn: str = "jquant.gguf.load")
     jquant.files.FileFormatError: a required integer field or the
       ``token_embd.weight`` tensor is missing.
   """
-  import gguf
   from jquant.models.llama import LlamaConfig
   arch = _field(reader, "general.architecture")
   if arch not in ARCHITECTURES:
@@ -113,15 +114,12 @@ def read_config(reader, path: str = "<reader>", *, fn: str = "jquant.gguf.load")
       head_dim=head_dim,
       rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
       rope_scale=_f32(_field(reader, f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
-      rope_freq_factors=_rope_freqs(reader, path, fn, gguf),
+      rope_freq_factors=rope_freqs(reader),
       norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in names_)
   if arch == "gemma3":
     window = _field(reader, f"{arch}.attention.sliding_window")
-    # llama.cpp: Gemma 3 27B (62 layers) scales queries by (dim / n_heads) ** -0.5, the others by head_dim.
-    common.update(
-        activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
-        attn_scale=(dim / n_heads) ** -0.5 if n_layers == 62 else None)
+    common.update(names.GEMMA3_OPTIONS, attn_scale=names.gemma3_attn_scale(dim, n_heads, n_layers))
     if window is not None:
       common.update(
           sliding_window=int(window),

@@ -56,8 +56,8 @@ def _tokenizers():
 
 
 def _field(reader, name, default=None):
-  f = reader.fields.get(name)
-  return default if f is None else f.contents()
+  from jquant.gguf.reader import _field as field  # one metadata accessor (the reader imports this module lazily)
+  return field(reader, name, default)
 
 
 def _check_tokens(tokens):

@@ -380,10 +380,8 @@ def _order(path: str):
 
 def _rope_freqs(reader, config) -> Optional[np.ndarray]:
   """The ``rope_freqs`` tensor to write (float32 (head_dim/2,)): the source file's, or the config's factors."""
-  if reader is not None:
-    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    return None if t is None else np.asarray(_gguf().quants.dequantize(t.data, t.tensor_type), np.float32)
-  f = getattr(config, "rope_freq_factors", None)
+  from jquant.gguf.reader import rope_freqs
+  f = rope_freqs(reader) if reader is not None else getattr(config, "rope_freq_factors", None)
   return None if f is None else np.asarray(f, np.float32)
 
 

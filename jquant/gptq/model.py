@@ -594,7 +594,9 @@ def _check_finite_hessian(hess, paths):
     raise ValueError(f"gptq.quantize_model: the Hessian of {paths} is non-finite (NaN or inf) although every "
                      "parameter and calibration input is finite: the float model's activations before these "
                      "layers, or their squares, overflow (float16/bfloat16 models, or huge activations). Run the "
-                     "calibration in float32 or rescale the inputs.")
+                     "calibration in float32 or rescale the inputs. If the inputs are token ids, check they lie "
+                     "in the embedding's vocabulary: Flax's nn.Embed gives NaN rows for ids outside it "
+                     "(jquant.tokens.check_token_ids(tokens, vocab_size, fn=...) names them).")
 
 
 def _solve_part(part, targets, rel_float, hess, fac, spec, name, opts, mesh, axis_names, solver_options, new_flat):

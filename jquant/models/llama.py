@@ -191,10 +191,6 @@ class LlamaConfig:
       return self.rope_theta, self.rope_scale, self.rope_freq_factors
     return (self.rope_theta if self.rope_local_theta is None else self.rope_local_theta), 1.0, self.rope_freq_factors
 
-  @property
-  def query_scale(self) -> float:
-    return float(self.head_dim) ** -0.5 if self.attn_scale is None else float(self.attn_scale)
-
   @classmethod
   def smollm2_135m(cls) -> "LlamaConfig":
     """SmolLM2-135M's shape (for reference; `from_gguf` reads it from the file)."""
