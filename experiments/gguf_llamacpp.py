@@ -8,14 +8,19 @@ virtual environment (about 10 minutes on 2 cores):
       .cache/llamacpp-venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python numpy
 
 then ``.venv/bin/python experiments/gguf_llamacpp.py [--windows 4] [--types Q8_0 Q4_K ...]
-[--gptq-types Q4_K]`` (about 15 minutes for the defaults on 2 busy cores).
+[--solvers rtn gptq-fit awq] [--keep DIR]`` (about 6 minutes per type and solver on 2 busy cores; rows are
+cached in ``experiments/results/gguf_llamacpp.json`` and reused while the settings match).
 
-For each type: SmolLM2-135M quantized by jquant (RTN, and GPTQ with static groups) on the type's grid
-and exported; the float model exported as F32 and quantized by llama.cpp's own ``llama_model_quantize``
-(``pure``: every tensor the type, llama.cpp's fallbacks where rows do not fit; no importance matrix: the
-``llama-imatrix`` tool is not part of the Python package). llama.cpp evaluates every file on the same
-windows (no BOS, each window from an empty cache, NLL of tokens 1.. as jquant does); jquant evaluates its
-own exports loaded back packed (`jquant.gguf.load`).
+For each type: SmolLM2-135M quantized by jquant on the type's grid (RTN; GPTQ with static groups, min-max
+``gptq``, or ``gptq-mse`` / ``gptq-fit``: the groups' scales searched with each row's error weighted by the
+Hessian's diagonal; AWQ) and exported; the float model exported as F32 and quantized by llama.cpp's own
+``llama_model_quantize`` (``pure``: every tensor the type, llama.cpp's fallbacks where rows do not fit), once
+without and once with an importance matrix: per input column the mean square of the calibration activations
+(what ``llama-imatrix`` computes; that tool is not in the Python package), from the same calibration windows
+jquant's solvers see, passed through llama.cpp's C API. llama.cpp evaluates every file on the same windows (no
+BOS, each window from an empty cache, NLL of tokens 1.. as jquant does); jquant evaluates its own exports
+loaded back packed (`jquant.gguf.load`), with float activations and, where `jquant.gguf.llamacpp_params`
+exists, with llama.cpp's quantized activations.
 """
 
 import argparse
@@ -90,63 +95,129 @@ def _llama(*args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+SOLVERS = ("rtn", "rtn-imp", "gptq", "gptq-fit", "awq")
+GPTQ_FIT = dict(static_groups=True, damp=0.01)  # the best of damp 0.001 / 0.01 / 0.1 at Q4_K (README)
+
+
+def _importance(m, calib, folder):
+  """``{path: (K,)}``: per input column the mean square of the float model's calibration activations (the
+  Hessians' diagonals / 2: llama.cpp's importance matrix), cached in ``folder``."""
+  path = os.path.join(folder, "importance.npz")
+  if not os.path.exists(path):
+    import jax
+    hs = jquant.mixed.hessians(m, calib, batch_size=2, progress=False)
+    np.savez(path, **{p.replace("/", "|"): np.asarray(jax.numpy.diagonal(h), np.float32) / 2 for p, h in hs.items()})
+  with np.load(path) as z:
+    return {k.replace("|", "/"): z[k] for k in z.files}
+
+
+def _imatrix(imp, path):
+  """The importance matrix by GGUF tensor name, as the .npz the llama.cpp helper passes to its quantizer."""
+  from jquant.gguf import names as gnames
+  np.savez(path, **{gnames.gguf_name(p)[0]: v for p, v in imp.items()})
+
+
+def _solve(solver, m, calib, rules, imp):
+  """jquant's parameters on the type's grid (``rules`` from `jquant.gguf.rules`) by one solver."""
+  fit = [jquant.Rule(r.pattern, None if r.spec is None else r.spec.replace(clip="fit")) for r in rules]
+  if solver == "rtn":
+    return jquant.quantize_params(m.params, rules)
+  if solver == "rtn-imp":  # llama.cpp's importance-matrix quantization, in jquant
+    return jquant.quantize_params(m.params, fit, importance=imp)
+  if solver == "awq":
+    return jquant.awq.quantize_model(m, m.params, calib, rules, progress=False)
+  if solver == "gptq-fit":  # static groups fitted with each row's error weighted by the importance
+    return jquant.gptq.quantize_model(m, m.params, calib, fit, importance=imp, progress=False, **GPTQ_FIT)
+  return jquant.gptq.quantize_model(m, m.params, calib, rules, static_groups=True, progress=False)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--windows", type=int, default=4)
-  ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"])
-  ap.add_argument("--gptq-types", nargs="*", default=["Q4_0", "Q4_K"], help="types also solved with GPTQ")
-  ap.add_argument("--calib", type=int, default=16, help="GPTQ calibration windows of 512 tokens")
+  ap.add_argument("--types", nargs="+", default=["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0",
+                                                  "Q3_K", "Q2_K"])
+  ap.add_argument("--solvers", nargs="+", default=["rtn", "rtn-imp", "gptq-fit", "awq"], choices=SOLVERS)
+  ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens (GPTQ, AWQ, imatrix)")
+  ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+  ap.add_argument("--keep", default=None, help="a folder keeping the written GGUF files (default: a temporary one)")
   args = ap.parse_args()
   if not os.path.isfile(LLAMA_PY):
     sys.exit(f"no llama.cpp environment at {LLAMA_PY}; see this script's docstring.")
+  from results_cache import open_cache
+  _, runs, save = open_cache(os.path.join(ROOT, "experiments", "results", "gguf_llamacpp.json"),
+                             {"windows": args.windows, "calib": args.calib}, args.fresh)
   m = jquant.models.from_gguf()
   windows = jquant.data.eval_windows(m.tokenizer, args.windows)
   calib = jquant.data.calibration_windows(m.tokenizer, args.calib)
-  rows = []
   with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".cache")) as tmp:
-    np.save(os.path.join(tmp, "windows.npy"), windows)
+    if args.keep:
+      os.makedirs(args.keep, exist_ok=True)
+      tmp = args.keep
     wpath = os.path.join(tmp, "windows.npy")
+    np.save(wpath, windows)
     f32 = os.path.join(tmp, "f32.gguf")
-    jquant.gguf.export(f32, m.params)
-    base_llama = _llama("ppl", f32, wpath)["ppl"]
-    base_jq = jquant.eval.perplexity(m, m.params, windows, batch_size=2, progress=False)[0]
-    print(f"float (F32 export): llama.cpp {base_llama:.4f}, jquant {base_jq:.4f}", flush=True)
+    jquant.gguf.export(f32, m.params, overwrite=True)
+    if "float" not in runs:
+      runs["float"] = {"llama": _llama("ppl", f32, wpath)["ppl"],
+                       "jquant": jquant.eval.perplexity(m, m.params, windows, batch_size=2, progress=False)[0]}
+      save()
+    print(f"float (F32 export): {runs['float']}", flush=True)
+    imat = os.path.join(tmp, "imatrix.npz")
     for name in args.types:
-      t0 = time.time()
       rules = jquant.gguf.rules(m.params, name)
-      row = {"type": name, "bpw": jquant.gguf.bits_per_weight(name)}
-      solvers = {"rtn": lambda: jquant.quantize_params(m.params, rules)}
-      if name in args.gptq_types:
-        solvers["gptq"] = lambda: jquant.gptq.quantize_model(m, m.params, calib, rules, static_groups=True,
-                                                             progress=False)
-      for solver, fn in solvers.items():
-        try:
-          qparams = fn()
-        except Exception as e:  # noqa: BLE001  (report and go on)
-          row[f"{solver}_error"] = f"{type(e).__name__}: {e}"[:200]
-          continue
+      for solver in args.solvers:
+        key = f"{name} {solver}"
         path = os.path.join(tmp, f"{name}-{solver}.gguf")
-        rep = jquant.gguf.export(path, qparams, types=name)
-        row[f"{solver}_mb"] = rep.nbytes / 1e6
-        row[f"{solver}_llama"] = _llama("ppl", path, wpath)["ppl"]
+        if key in runs:
+          if "jquant_llamacpp" not in runs[key] and hasattr(jquant.gguf, "llamacpp_params") and os.path.exists(path):
+            packed = jquant.gguf.load(path, tokenizer=False)  # a kept file scored before that function existed
+            runs[key]["jquant_llamacpp"] = jquant.eval.perplexity(m, jquant.gguf.llamacpp_params(packed.params),
+                                                                  windows, batch_size=2, progress=False)[0]
+            save()
+          continue
+        t0 = time.time()
+        qparams = _solve(solver, m, calib, rules, _importance(m, calib, tmp))
+        rep = jquant.gguf.export(path, qparams, types=name, overwrite=True)
         packed = jquant.gguf.load(path, tokenizer=False)
-        row[f"{solver}_jquant"] = jquant.eval.perplexity(m, packed.params, windows, batch_size=2, progress=False)[0]
-      qpath = os.path.join(tmp, f"{name}-llama.gguf")
-      if _llama("quantize", f32, qpath, _FTYPE[name], "-", "pure")["rc"] == 0:
-        row["llama_mb"] = os.path.getsize(qpath) / 1e6
-        row["llama_llama"] = _llama("ppl", qpath, wpath)["ppl"]
-      row["seconds"] = round(time.time() - t0)
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  print("\n| type | bits/weight | file MB (jquant) | llama.cpp ppl: jquant RTN / jquant GPTQ / llama.cpp quantize "
-        "| jquant ppl: RTN / GPTQ | llama.cpp vs jquant |")
-  print("|---|---|---|---|---|---|")
-  for r in rows:
-    g = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
-    diffs = [abs(r[f"{s}_llama"] / r[f"{s}_jquant"] - 1) for s in ("rtn", "gptq") if f"{s}_jquant" in r]
-    print(f"| {r['type']} | {r['bpw']:.4g} | {r.get('rtn_mb', 0):.1f} | {g('rtn_llama')} / {g('gptq_llama')} / "
-          f"{g('llama_llama')} | {g('rtn_jquant')} / {g('gptq_jquant')} | "
-          f"{max(diffs) * 100 if diffs else float('nan'):.2f}% |")
+        runs[key] = {"mb": rep.nbytes / 1e6, "llama": _llama("ppl", path, wpath)["ppl"],
+                     "jquant": jquant.eval.perplexity(m, packed.params, windows, batch_size=2, progress=False)[0],
+                     "seconds": round(time.time() - t0)}
+        if hasattr(jquant.gguf, "llamacpp_params"):
+          runs[key]["jquant_llamacpp"] = jquant.eval.perplexity(m, jquant.gguf.llamacpp_params(packed.params),
+                                                                windows, batch_size=2, progress=False)[0]
+        save()
+        print(key, json.dumps(runs[key]), flush=True)
+      for imatrix in ("-", "imatrix"):
+        key = f"{name} llama.cpp" + (" imatrix" if imatrix != "-" else "")
+        if key in runs:
+          continue
+        if imatrix != "-" and not os.path.exists(imat):
+          _imatrix(_importance(m, calib, tmp), imat)
+        qpath = os.path.join(tmp, f"{name}-llama{'-imatrix' if imatrix != '-' else ''}.gguf")
+        if _llama("quantize", f32, qpath, _FTYPE[name], imat if imatrix != "-" else "-", "pure")["rc"] == 0:
+          runs[key] = {"mb": os.path.getsize(qpath) / 1e6, "llama": _llama("ppl", qpath, wpath)["ppl"]}
+          save()
+          print(key, json.dumps(runs[key]), flush=True)
+  print(table(runs, args.types))
+
+
+def table(runs, types, solvers=("rtn", "gptq-fit", "awq")):
+  """The README's table from the cached runs: llama.cpp's perplexity of every file, jquant's of its own."""
+  g = lambda k, f="llama": f"{runs[k][f]:.3f}" if k in runs and f in runs[k] else "-"  # noqa: E731
+  names = " / ".join(s.upper() for s in solvers)
+  lines = [f"| type | bits/weight | file MB | llama.cpp ppl: jquant {names} | llama.cpp quantize: plain / imatrix "
+           f"| jquant ppl: {names} | llama.cpp vs jquant: float activations / llama.cpp's |",
+           "|---|---|---|---|---|---|---|"]
+  for t in types:
+    keys = [f"{t} {s}" for s in solvers]
+    gap = lambda f: max((abs(runs[k]["llama"] / runs[k][f] - 1) * 100 for k in keys  # noqa: E731
+                         if k in runs and f in runs[k]), default=float("nan"))
+    mb = runs[keys[0]]["mb"] if keys[0] in runs else float("nan")
+    lines.append(f"| {t} | {jquant.gguf.bits_per_weight(t):.4g} | {mb:.1f} | "
+                 + " / ".join(g(k) for k in keys) + f" | {g(t + ' llama.cpp')} / {g(t + ' llama.cpp imatrix')} | "
+                 + " / ".join(g(k, "jquant") for k in keys)
+                 + f" | {gap('jquant'):.2f}% / {gap('jquant_llamacpp'):.2f}% |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -339,12 +339,14 @@ def _targets(seg, flat, axes, groups, rules, fn):
   return targets, [g for g in groups if g]
 
 
-def round_the_rest(out, new_flat, rules, found_axes, apply, params, example) -> tuple:
+def round_the_rest(out, new_flat, rules, found_axes, apply, params, example, importance=None) -> tuple:
   """Round-to-nearest for rule-selected float leaves no block matmul read; returns the tree and their paths.
 
   Each is quantized along the contraction axes its matmul uses where the
   model has one (``found_axes`` from the blocks, else read from the whole
   model: an untied head); a leaf no matmul contracts stays float.
+  ``importance`` (``{path: weights}``, `jquant.quantize_params`) weights the
+  searches of leaves whose spec searches (``clip`` "mse" / "fit").
   """
   rest = [p for p, v in new_flat.items()
           if not intercept.is_quantized(v) and hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)
@@ -361,7 +363,8 @@ def round_the_rest(out, new_flat, rules, found_axes, apply, params, example) -> 
       pass  # a model capture cannot read as a whole: the rules' own axes apply
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    out = quantize_params(out, rules, axes={p: axes[p] for p in rest if p in axes})
+    imp = {p: v for p, v in (importance or {}).items() if p in rest and first_match(rules, p)[1].clip != "minmax"}
+    out = quantize_params(out, rules, axes={p: axes[p] for p in rest if p in axes}, importance=imp)
   return out, tuple(rest)
 
 

@@ -95,7 +95,9 @@ def logical_struct(leaf) -> jax.ShapeDtypeStruct:
 
 
 def _activation_quantizing(leaf) -> bool:
-  return not isinstance(leaf, QArray)
+  # A wrapper whose class sets ``dequantized_elsewhere = True`` (`jquant.gguf.arith.GGMLWeight`) quantizes
+  # activations only in its matmuls; other uses (an embedding lookup) read its dequantized weight.
+  return not isinstance(leaf, QArray) and not getattr(type(leaf), "dequantized_elsewhere", False)
 
 
 def dequantize_leaf(leaf):

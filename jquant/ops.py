@@ -204,6 +204,11 @@ def fake_quant_activations_static(x, scale, bits: int = 8):
   return _ste(x, fq, inside.astype(x.dtype))
 
 
+def weight_property(name: str):
+  """A read-only property forwarding ``name`` of a wrapper's ``weight`` (``shape``, ``dtype``)."""
+  return property(lambda self: getattr(self.weight, name), doc=f"The wrapped weight's {name}.")
+
+
 def int8_matmul(x_int8, w_int8):
   """int8 (..., K) x int8 (K, N) -> int32 (..., N), exact."""
   return jax.lax.dot_general(x_int8, w_int8, (((x_int8.ndim - 1,), (0,)), ((), ())),
@@ -256,13 +261,8 @@ class W8A8Weight(NamedTuple):
   def tree_unflatten(cls, aux, children):
     return cls(*children)
 
-  @property
-  def shape(self):
-    return self.weight.shape
-
-  @property
-  def dtype(self):
-    return self.weight.dtype
+  shape = weight_property("shape")
+  dtype = weight_property("dtype")
 
   def quantize_input(self, x):
     """``(x_int8, x_scale)`` as the product quantizes ``x``: static (scalar scale) or per token ((..., 1))."""
@@ -470,13 +470,8 @@ class IntMatmulWeight(_IntMatmulFields):
     # was checked when it was built.
     return cls._make((children[0], aux))
 
-  @property
-  def shape(self):
-    return self.weight.shape
-
-  @property
-  def dtype(self):
-    return self.weight.dtype
+  shape = weight_property("shape")
+  dtype = weight_property("dtype")
 
   def check(self):
     """Raises ValueError unless the weight is a symmetric one-level QArray, (K, N) contracting axis 0."""

@@ -497,8 +497,8 @@ def dequantize_values(codes, scale, zero_point, spec: QuantSpec):
   return _dequantize_with(jnp.asarray(codes).astype(jnp.float32), s, z, spec.float_min)
 
 
-def _mse_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True):
-  """Per group, the range shrink with the least sum |x - q(x)|^p (GPTQ's grid)."""
+def _mse_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True, weights=None):
+  """Per group, the range shrink with the least sum w |x - q(x)|^p (GPTQ's grid)."""
   shrinks = 1.0 - spec.mse_max_shrink * jnp.arange(spec.mse_grid, dtype=jnp.float32) / spec.mse_grid
 
   # Errors of groups far from 1 in magnitude are measured in units of a power of two near their largest
@@ -510,10 +510,84 @@ def _mse_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True):
   def err_for(p):
     scale, zero = _range_to_scale_zero(lo * p, hi * p, spec)
     deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero, spec.float_min)
-    return jnp.sum((jnp.abs(deq - g) / unit) ** spec.mse_norm, axis=1, keepdims=True)
+    e = (jnp.abs(deq - g) / unit) ** spec.mse_norm
+    return jnp.sum(e if weights is None else weights * e, axis=1, keepdims=True)
 
   best_p = grid_search(err_for, shrinks, lo.shape)
   return _range_to_scale_zero(lo * best_p, hi * best_p, spec, guard)
+
+
+_FIT_STEPS = jnp.linspace(-1.0, 1.0, 21)  # trial steps per range: the code count +- 1 in tenths (llama.cpp's)
+
+
+def _fit_scale_zero(g, lo, hi, spec: QuantSpec, guard: bool = True, weights=None):
+  """Per group, least-squares scale (and lower end) refitted to the codes of trial scales (``clip="fit"``).
+
+  For each trial ``n + t`` steps over the min-max range (``t`` in -1..1 by 0.1), codes are assigned by
+  rounding, then the (importance-weighted) least-squares scale, and for asymmetric specs offset, of those
+  codes is solved in closed form; the candidate with the least weighted squared error after re-quantizing
+  is kept, the min-max parameters included. llama.cpp's k-quant searches (``make_qx_quants``,
+  ``make_qkx2_quants``) work this way. The fits run in units of each group's largest magnitude, so
+  ranges near float32's largest value neither overflow nor lose the search.
+  """
+  w = jnp.ones_like(g) if weights is None else jnp.broadcast_to(weights, g.shape)
+  base_scale, base_zero = _range_to_scale_zero(lo, hi, spec, guard)
+  amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  ok = amax > _TINY
+  unit = jnp.where(ok, amax, 1.0)
+  gn, lo_n, hi_n = g / unit, lo / unit, hi / unit  # |.| <= 1
+  ssum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
+
+  def err(scale, zero):
+    deq = _dequantize_with(_quantize_with(g, scale, zero, spec), scale, zero, spec.float_min)
+    return ssum(w * jnp.square(deq / unit - gn))
+
+  if spec.symmetric:
+    if spec.symmetric_scale == "signed":
+      ref, n = jnp.where(jnp.abs(hi_n) >= jnp.abs(lo_n), hi_n, lo_n), float(spec.qmin)
+    else:
+      ref, n = jnp.ones_like(lo_n), float(spec.qmax)
+  else:
+    lo0 = jnp.minimum(lo_n, 0.0)
+    ref, n = jnp.maximum(hi_n, 0.0) - lo0, float(spec.qmax)
+  ref = jnp.where(ok, ref, 1.0)
+
+  def candidate(t):
+    iscale = (n + t * np.sign(n)) / ref
+    if spec.symmetric:
+      codes = jnp.clip(jnp.round(gn * iscale), spec.qmin, spec.qmax)
+      sl2 = ssum(w * codes * codes)
+      scale_n = ssum(w * gn * codes) / jnp.where(sl2 > 0, sl2, 1.0)
+      good = ok & (sl2 > 0) & (jnp.abs(scale_n) > 1e-30)
+      return jnp.where(good, scale_n * unit, base_scale), base_zero
+    codes = jnp.clip(jnp.round((gn - lo0) * iscale), 0, spec.qmax)
+    sw, sl, sl2 = ssum(w), ssum(w * codes), ssum(w * codes * codes)
+    sx, sxl = ssum(w * gn), ssum(w * gn * codes)
+    det = sw * sl2 - sl * sl
+    safe_det = jnp.where(det > 0, det, 1.0)
+    scale_n = (sw * sxl - sx * sl) / safe_det
+    low_n = (sl2 * sx - sl * sxl) / safe_det
+    positive = low_n > 0  # the range must hold 0: refit the scale alone
+    scale_n = jnp.where(positive, sxl / jnp.where(sl2 > 0, sl2, 1.0), scale_n)
+    low_n = jnp.where(positive, 0.0, low_n)
+    good = ok & (det > 0) & (scale_n > 1e-30)
+    scale = jnp.where(good, scale_n * unit, base_scale)
+    if spec.float_min:
+      return scale, jnp.where(good, -low_n * unit, base_zero)
+    zero = jnp.clip(jnp.round(-low_n / jnp.where(good, scale_n, 1.0)), 0, spec.qmax)
+    return scale, jnp.where(good, zero, base_zero)
+
+  def body(carry, t):
+    best_err, best_scale, best_zero = carry
+    scale, zero = candidate(t)
+    e = err(scale, zero)
+    better = e < best_err
+    return (jnp.where(better, e, best_err), jnp.where(better, scale, best_scale),
+            None if zero is None else jnp.where(better, zero, best_zero)), None
+
+  init = (err(base_scale, base_zero), base_scale, base_zero)
+  (_, scale, zero), _ = jax.lax.scan(body, init, _FIT_STEPS)
+  return scale, zero
 
 
 def grid_search(err_fn, grid, shape):
@@ -536,22 +610,24 @@ def grid_search(err_fn, grid, shape):
   return best
 
 
-def _group_scale_zero(g, spec: QuantSpec, guard: bool = True):
-  """Scale and zero point per group of grouped float32 data ``g`` (G, L, rest)."""
+def _group_scale_zero(g, spec: QuantSpec, guard: bool = True, weights=None):
+  """Scale and zero point per group of grouped float32 data ``g`` (G, L, rest); ``weights`` grouped alike."""
   lo = jnp.min(g, axis=1, keepdims=True) * spec.clip_ratio
   hi = jnp.max(g, axis=1, keepdims=True) * spec.clip_ratio
   if spec.clip == "mse":
-    return _mse_scale_zero(g, lo, hi, spec, guard)
+    return _mse_scale_zero(g, lo, hi, spec, guard, weights)
+  if spec.clip == "fit":
+    return _fit_scale_zero(g, lo, hi, spec, guard, weights)
   return _range_to_scale_zero(lo, hi, spec, guard)
 
 
-def _two_level_parts(x, spec: QuantSpec):
+def _two_level_parts(x, spec: QuantSpec, weights=None):
   """RTN onto a two-level grid: ``(scale codes, d, min codes or None, dmin or None)`` for merged ``x``,
   group parameters with axis -> G, super-group ones with axis -> S."""
   axis = _normalize_axis(spec.axis, x.ndim)
   spec.num_super_groups(x.shape[axis])  # raises on sizes the spec cannot take
   g, _, _ = _grouped(x.astype(jnp.float32), spec, axis)
-  scale, zero = _group_scale_zero(g, spec, guard=False)
+  scale, zero = _group_scale_zero(g, spec, guard=False, weights=_grouped_weights(weights, spec, axis))
   sc, d = twolevel.split(scale[:, 0], spec, signed=spec.symmetric)
   out = [sc, d] + (list(twolevel.split(zero[:, 0], spec, signed=False)) if spec.float_min else [None, None])
   return tuple(None if a is None else jnp.moveaxis(a, 0, axis) for a in out)
@@ -569,8 +645,37 @@ def _stored_shape(s, x_shape, axis, spec):
   return s
 
 
-def compute_scale_zero(x, spec: QuantSpec):
-  """Scales and zero points of ``x`` under ``spec`` (min-max or MSE ranges).
+def _grouped_weights(weights, spec: QuantSpec, axis: int):
+  return None if weights is None else _grouped(weights, spec, axis)[0]
+
+
+def _merged_importance(importance, x, spec: QuantSpec, fn: str):
+  """``importance`` broadcast to ``x`` and merged like it; checked finite and non-negative."""
+  if importance is None:
+    return None
+  imp = jnp.asarray(importance, jnp.float32)
+  try:
+    imp = jnp.broadcast_to(imp, jnp.shape(x))
+  except ValueError:
+    raise ValueError(f"{fn}: importance has shape {tuple(imp.shape)}, which does not broadcast to x's "
+                     f"{tuple(jnp.shape(x))}; allowed: per-element weights broadcastable to x (e.g. (K, 1) for a "
+                     "(K, N) kernel contracting axis 0).") from None
+  if not isinstance(imp, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(imp) & (imp >= 0))):
+    raise ValueError(f"{fn}: importance has negative or non-finite entries; allowed: finite weights >= 0 "
+                     "(e.g. the diagonal of a calibration Hessian, the mean square of the inputs).")
+  return merge_contraction(imp, spec)[0]
+
+
+def compute_scale_zero(x, spec: QuantSpec, importance=None):
+  """Scales and zero points of ``x`` under ``spec`` (min-max, MSE or least-squares ranges).
+
+  Args:
+    x: Float array.
+    spec: The `QuantSpec` (its ``clip`` chooses min-max, ``"mse"`` or ``"fit"``).
+    importance: Optional non-negative float weights broadcastable to ``x``
+      (e.g. ``(K, 1)`` for a ``(K, N)`` kernel: the diagonal of its input
+      Hessian, llama.cpp's importance matrix), weighting each element's error
+      in the ``"mse"`` and ``"fit"`` searches; ignored by min-max ranges.
 
   Returns:
     ``(scale, zero_point)`` shaped like ``x`` with the contraction axis (the
@@ -583,13 +688,14 @@ def compute_scale_zero(x, spec: QuantSpec):
     effective ``d * sc`` (and ``dmin * m``), already on the grid.
   """
   x = _check_input(x, spec, "compute_scale_zero")
+  weights = _merged_importance(importance, x, spec, "compute_scale_zero")
   x, spec, _ = merge_contraction(x, spec)
   axis = _normalize_axis(spec.axis, x.ndim)
   if spec.two_level:
-    sc, d, m, dmin = _two_level_parts(x, spec)
+    sc, d, m, dmin = _two_level_parts(x, spec, weights)
     return _effective(sc, d, spec, axis), None if m is None else _effective(m, dmin, spec, axis)
   g, _, _ = _grouped(x.astype(jnp.float32), spec, axis)
-  scale, zero = _group_scale_zero(g, spec)
+  scale, zero = _group_scale_zero(g, spec, weights=_grouped_weights(weights, spec, axis))
   return (_stored_shape(scale, x.shape, axis, spec),
           None if zero is None else _stored_shape(zero, x.shape, axis, spec))
 
@@ -648,19 +754,34 @@ def _as_stored(a, spec: QuantSpec):
   return saturate(a, spec.jnp_scale_dtype).astype(spec.jnp_scale_dtype).astype(jnp.float32)
 
 
-def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
+def quantize(x, spec: QuantSpec, *, key=None, importance=None) -> QArray:
   """Quantizes ``x`` into a packed `QArray` (pure, jit-able).
+
+  ``importance`` (optional, non-negative, broadcastable to ``x``) weights each
+  element's error in the ``clip="mse"`` / ``"fit"`` searches of the group
+  parameters: with per-input-channel weights (the mean square of the
+  calibration inputs, the Hessian's diagonal) this is llama.cpp's
+  importance-matrix quantization (see `compute_scale_zero`).
 
   Example:
     >>> q = jquant.quantize(jnp.ones((64, 8)), jquant.QuantSpec(bits=2))
     >>> q.qvalue.shape, q.qvalue.dtype            # four int2 per byte
     ((16, 8), dtype('uint8'))
+
+  Raises:
+    ValueError: see `compute_scale_zero`; ``importance`` with ``clip="minmax"``
+      (min-max ranges would ignore it).
   """
+  if importance is not None and spec.clip == "minmax":
+    raise ValueError(f"quantize: importance weights the clip='mse' / 'fit' searches, but spec.clip={spec.clip!r} "
+                     "takes min-max ranges and would ignore it; use spec.replace(clip='fit') (llama.cpp's "
+                     "importance-matrix search) or drop importance.")
   if spec.two_level:  # the parts are known here: no search for a decomposition
     x = _check_input(x, spec, "quantize")
+    weights = _merged_importance(importance, x, spec, "quantize")
     xm, mspec, axis_shape = merge_contraction(x, spec)
     axis = _normalize_axis(mspec.axis, xm.ndim)
-    sc, d, m, dmin = _two_level_parts(xm, mspec)
+    sc, d, m, dmin = _two_level_parts(xm, mspec, weights)
     for sup in (d, dmin):
       if sup is not None and not isinstance(sup, jax.core.Tracer) and not bool(jnp.isfinite(sup).all()):
         raise ValueError("quantize: a super-group scale overflows float16 (|value| > 65504); allowed: weights "
@@ -669,7 +790,10 @@ def quantize(x, spec: QuantSpec, *, key=None) -> QArray:
     eff_m = None if m is None else _effective(m, dmin, mspec, axis)
     codes, _, _ = quantize_values(xm, mspec, key=key, scale=eff_s, zero_point=eff_m)
     return QArray.from_two_level(codes, sc, d, m, dmin, mspec, x.dtype, axis_shape=axis_shape)
-  codes, scale, zero = quantize_values(x, spec, key=key)
+  scale = zero = None
+  if importance is not None:
+    scale, zero = compute_scale_zero(x, spec, importance=importance)
+  codes, scale, zero = quantize_values(x, spec, key=key, scale=scale, zero_point=zero)
   return QArray.from_codes(codes, scale, zero, spec, jnp.asarray(x).dtype)
 
 

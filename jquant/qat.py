@@ -80,7 +80,7 @@ from jquant.checkpoint import load as _load
 from jquant.checkpoint import save as _save
 from jquant import ops
 from jquant.intercept import quantized
-from jquant.ops import W8A8Weight, int8_matmul, qdot
+from jquant.ops import W8A8Weight, int8_matmul, qdot, weight_property
 from jquant.qarray import QArray, compute_scale_zero, expand_to_groups, merge_contraction
 from jquant.spec import QuantSpec, Rule, first_match
 from jquant.sharding import qarray_shardings
@@ -491,13 +491,8 @@ class ActFakeQuant:
   def tree_unflatten(cls, aux, children):
     return cls(children[0], aux[0], children[1])
 
-  @property
-  def shape(self):
-    return self.weight.shape
-
-  @property
-  def dtype(self):
-    return self.weight.dtype
+  shape = weight_property("shape")
+  dtype = weight_property("dtype")
 
   def __qdot__(self, x):
     if self.weight.ndim != 2:

@@ -22,7 +22,7 @@ import numpy as np
 
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic")
-CLIPS = ("minmax", "mse")
+CLIPS = ("minmax", "mse", "fit")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 OFFSETS = ("zero_point", "min")
 SYMMETRIC_SCALES = ("signed", "max", "half")
@@ -51,8 +51,14 @@ class QuantSpec:
       block scales). With two-level scales: the dtype of the super-group
       scales (and mins).
     rounding: ``"nearest"`` or ``"stochastic"`` (needs a PRNG key; for training).
-    clip: ``"minmax"`` ranges, or ``"mse"``: per group, the shrink of the range
-      (over a grid, as in GPTQ's reference quantizer) with the least error.
+    clip: ``"minmax"`` ranges; ``"mse"``: per group, the shrink of the range
+      (over a grid, as in GPTQ's reference quantizer) with the least error;
+      ``"fit"``: per group, codes assigned at 21 trial scales (the min-max
+      step count +-1 in tenths), the least-squares scale (and float min or
+      zero point) of each refitted in closed form, the best kept, min-max
+      included (llama.cpp's k-quant searches, ``make_qkx2_quants``). Both
+      searches weight each element by an ``importance`` when one is given
+      (`jquant.compute_scale_zero`, GPTQ's static groups).
     clip_ratio: Fixed shrink of the range in (0, 1]; values outside are clipped.
     pad_groups: Allow a ``group_size`` that does not divide the contraction
       size; the last group is then shorter.

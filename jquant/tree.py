@@ -108,7 +108,8 @@ def _sharded(x) -> bool:
   return isinstance(s, NamedSharding) and len(s.device_set) > 1 and not isinstance(x, jax.core.Tracer)
 
 
-def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[Mapping[str, Any]] = None):
+def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[Mapping[str, Any]] = None,
+                    importance: Optional[Mapping[str, Any]] = None):
   """Quantizes the leaves that ``rules`` select; everything else is untouched.
 
   Args:
@@ -124,6 +125,12 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       ``Einsum`` kernels alike; a rule-matched leaf that is not there (a norm
       scale, a bias: no matmul contracts it) stays float, with a warning.
       Paths may carry a leading ``params/``.
+    importance: Optional ``{path: weights}``: per-element error weights of
+      the ``clip="mse"`` / ``"fit"`` group searches (`jquant.quantize`), either
+      broadcastable to the leaf or one vector over its contraction axes
+      (``(K,)``: e.g. the diagonal of the matmul's input Hessian,
+      `jquant.mixed.hessians`; llama.cpp's importance matrix). Paths may carry
+      a leading ``params/``; leaves without an entry are quantized unweighted.
 
   Returns:
     The same tree with the selected leaves replaced by `QArray` s, laid out on
@@ -148,6 +155,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       raise TypeError(f"quantize_params: rules must be jquant.Rule objects, got {type(r).__name__}.")
   seen_paths, quantized = [], [0]
   axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
+  imp_by_path = {str(k).removeprefix("params/"): v for k, v in (importance or {}).items()}
   not_matmul: list = []
   _check_selected_finite(params, rules, axes_by_path)
 
@@ -168,7 +176,10 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
     try:
       k = None if key is None else jax.random.fold_in(key, len(seen_paths))
       # A leaf sharded over several devices: one compiled quantizer per layout, not one per eager op.
-      q = (_quantize_jit if _sharded(leaf) else quantize)(leaf, spec, key=k)
+      imp = imp_by_path.get(path.removeprefix("params/"))
+      if imp is not None:
+        imp = _along_contraction(imp, leaf, spec)
+      q = (_quantize_jit if _sharded(leaf) else quantize)(leaf, spec, key=k, importance=imp)
     except (ValueError, TypeError) as e:
       raise type(e)(f"quantize_params: leaf {path!r} (shape {tuple(leaf.shape)}): {e}") from None
     quantized[0] += 1
@@ -186,6 +197,22 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
         f"quantize_params: rules {[r.pattern for r in rules]} quantized no leaf. "
         f"Nearby paths: {near[:8]}. Patterns are re.search-ed on '/'-joined paths.", stacklevel=2)
   return out
+
+
+def _along_contraction(imp, leaf, spec):
+  """A ``(K,)`` importance vector laid along ``leaf``'s contraction axes (K their product); else as given."""
+  imp = jnp.asarray(imp, jnp.float32)
+  axes = spec.axes(leaf.ndim)
+  k = int(np.prod([leaf.shape[a] for a in axes]))
+  if imp.ndim != 1 or leaf.ndim == 1:
+    return imp
+  if imp.shape[0] != k:
+    raise ValueError(f"importance has shape {tuple(imp.shape)}; allowed: ({k},) over the contraction axes "
+                     f"{axes} of a leaf shaped {tuple(leaf.shape)}, or weights broadcastable to the leaf.")
+  shape = [1] * leaf.ndim
+  for a in axes:
+    shape[a] = leaf.shape[a]
+  return imp.reshape(shape)
 
 
 def _check_selected_finite(params, rules, axes_by_path):

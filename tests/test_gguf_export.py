@@ -1,6 +1,7 @@
 """GGUF export (jquant -> llama.cpp's format) and packed import (GGUF -> jquant QArrays)."""
 
 import os
+import stat
 
 import gguf
 import jax
@@ -73,7 +74,12 @@ def test_float_export_and_rope_rows_match_the_loader(tmp_path, toy):
     out, inp = w.shape
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
-  jquant.gguf.export(tmp_path / "f32.gguf", toy.params, like=_CFG)
+  old = os.umask(0o022)
+  try:
+    jquant.gguf.export(tmp_path / "f32.gguf", toy.params, like=_CFG)
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / "f32.gguf").st_mode) == 0o644  # a plain file's mode, not mkstemp's 0600
   reader = gguf.GGUFReader(tmp_path / "f32.gguf")
   q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
   np.testing.assert_array_equal(_unpermute_rope(np.asarray(q.data), _CFG.n_heads),

@@ -278,3 +278,32 @@ def test_non_finite_inputs_are_rejected_naming_the_argument():
   row_w[3] = np.inf
   with pytest.raises(ValueError, match=r"gptq\.hessian_update: .* at weights \(1 value\)"):
     gptq.hessian_update(gptq.hessian_init(64), np.ones((16, 64), np.float32), row_w)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_static_groups_fit_uses_hessian_diagonal(symmetric):
+  """With ``clip="fit"`` static groups are the importance-weighted least-squares fit, the importance being
+  the Hessian's diagonal (bit for bit `compute_scale_zero(w, spec, importance=diag(H))`), and GPTQ's layer
+  loss drops below the min-max static groups' on inputs whose channels differ in scale."""
+  k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(k1, (1024, 128)) * jnp.exp(jax.random.normal(k2, (128,)))
+  w = jax.random.normal(k3, (128, 48)) * 0.05
+  h = gptq.hessian(x)
+  spec = jquant.QuantSpec(bits=3, symmetric=symmetric, granularity="group", group_size=32,
+                          **({} if symmetric else dict(offset="min")))
+  fit = gptq.solve_codes(w, h, spec.replace(clip="fit"), static_groups=True)
+  s, z = jquant.compute_scale_zero(w, spec.replace(clip="fit"), importance=jnp.diagonal(h)[:, None])
+  np.testing.assert_array_equal(np.asarray(fit.scale), np.asarray(s))
+  if not symmetric:
+    np.testing.assert_array_equal(np.asarray(fit.zero_point), np.asarray(z))
+  minmax = gptq.solve_codes(w, h, spec, static_groups=True)
+  assert float(fit.loss) < 0.95 * float(minmax.loss)
+  # importance= replaces the Hessian's diagonal in the search (e.g. the float model's mean squared inputs).
+  imp = jnp.linspace(0.0, 2.0, 128) ** 2
+  own = gptq.solve_codes(w, h, spec.replace(clip="fit"), static_groups=True, importance=imp)
+  s, _ = jquant.compute_scale_zero(w, spec.replace(clip="fit"), importance=imp[:, None])
+  np.testing.assert_array_equal(np.asarray(own.scale), np.asarray(s))
+  with pytest.raises(ValueError, match=r"importance has shape \(127,\); allowed: \(128,\)"):
+    gptq.solve(w, h, spec.replace(clip="fit"), static_groups=True, importance=imp[:127])
+  with pytest.raises(ValueError, match="importance has negative entries"):
+    gptq.solve(w, h, spec.replace(clip="fit"), static_groups=True, importance=-imp)

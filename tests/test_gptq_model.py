@@ -271,3 +271,22 @@ def test_capped_rows_count_at_the_bound():
   np.testing.assert_allclose(w, [[(20.0 / 80.0) ** 2, 1, 1, 1, 1]], rtol=1e-6)
   w = np.asarray(_cap_weights(jnp.asarray(x), jnp.asarray([[1.0, 1, 1, 0, 0]]), 10.0))  # median of counted rows
   np.testing.assert_allclose(w, [[(20.0 / 80.0) ** 2, 1, 1, 0, 0]], rtol=1e-6)
+
+
+def test_importance_reaches_the_static_group_search(toy):
+  """``importance={path: (K,)}`` replaces the Hessian's diagonal in the static groups' ``clip="fit"`` search of
+  that weight (and the weights sharing its input): with all weight on one input row, that row is nearly exact;
+  a path that is not a parameter is refused before any work."""
+  m, calib, _ = toy
+  spec = jquant.QuantSpec(bits=3, granularity="group", group_size=32, clip="fit")
+  rules = [jquant.Rule(r"layers_0/mlp/down/kernel$", spec)]
+  imp = np.full(64, 1e-6, np.float32)
+  imp[5] = 1.0
+  kw = dict(batch_size=4, progress=False, static_groups=True, act_order=False, damp=0.01)
+  q_imp = gptq.quantize_model(m, m.params, calib, rules, importance={"params/layers_0/mlp/down/kernel": imp}, **kw)
+  q_h = gptq.quantize_model(m, m.params, calib, rules, **kw)
+  w = m.params["layers_0"]["mlp"]["down"]["kernel"]
+  row_err = lambda q: float(jnp.max(jnp.abs(q["layers_0"]["mlp"]["down"]["kernel"].dequantize()[5] - w[5])))  # noqa: E731
+  assert row_err(q_imp) < 0.5 * row_err(q_h)
+  with pytest.raises(ValueError, match=r"importance names \['layers_0/mlp/dwn/kernel'\], not parameters"):
+    gptq.quantize_model(m, m.params, calib, rules, importance={"layers_0/mlp/dwn/kernel": imp}, **kw)

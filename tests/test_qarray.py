@@ -156,6 +156,91 @@ def test_mse_clipping_never_worse_than_minmax():
   assert err(base.replace(clip="mse", mse_norm=2.0)) <= err(base) * (1 + 1e-6)
 
 
+def _np_fit_group(x, w, spec):
+  """float64 NumPy transcription of clip="fit" for one group (1-D ``x``): the trial steps, the closed-form
+  least-squares refit of each, the least weighted squared error after re-quantizing; min-max included."""
+  qmin, qmax = spec.qmin, spec.qmax
+  lo, hi = x.min(), x.max()
+
+  def quant_err(scale, low):  # low: the range's lower end (asymmetric) or None
+    if low is None:
+      q = np.clip(np.round(x / scale), qmin, qmax)
+      return float(np.sum(w * (q * scale - x) ** 2)), scale, None
+    q = np.clip(np.round((x - low) / scale), 0, qmax)
+    return float(np.sum(w * (q * scale + low - x) ** 2)), scale, low
+
+  if spec.symmetric:
+    ref = hi if abs(hi) >= abs(lo) else lo
+    n = qmin
+    best = quant_err(ref / n, None)
+    for t in np.linspace(-1, 1, 21):
+      q = np.clip(np.round(x * (n - t) / ref), qmin, qmax)
+      s = np.sum(w * x * q) / np.sum(w * q * q)
+      best = min(best, quant_err(s, None), key=lambda e: e[0])
+    return best
+  lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
+  best = quant_err((hi0 - lo0) / qmax, lo0)
+  for t in np.linspace(-1, 1, 21):
+    q = np.clip(np.round((x - lo0) * (qmax + t) / (hi0 - lo0)), 0, qmax)
+    a = np.stack([q, np.ones_like(q)], 1)
+    s, low = np.linalg.solve(a.T @ (w[:, None] * a), a.T @ (w * x))
+    if low > 0:
+      s, low = np.sum(w * x * q) / np.sum(w * q * q), 0.0
+    best = min(best, quant_err(s, low), key=lambda e: e[0])
+  return best
+
+
+@pytest.mark.parametrize("kind", ["signed", "min"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fit_clipping_matches_float64_reference(kind, weighted):
+  """clip="fit" picks, per group, the least-squares refit a float64 NumPy transcription picks (scales equal to
+  float32 rounding), weighted by importance when given."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_t(3, (64, 6)).astype(np.float32)
+  imp = rng.uniform(0.01, 10.0, (64, 1)).astype(np.float32) if weighted else None
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32, clip="fit",
+                          **({} if kind == "signed" else dict(symmetric=False, offset="min")))
+  scale, zero = jquant.compute_scale_zero(jnp.asarray(x), spec, importance=imp)
+  w = np.ones((64, 1)) if imp is None else imp.astype(np.float64)
+  for gi in range(2):
+    for col in range(6):
+      rows = slice(32 * gi, 32 * gi + 32)
+      err, s, low = _np_fit_group(x[rows, col].astype(np.float64), w[rows, 0], spec)
+      np.testing.assert_allclose(float(scale[gi, col]), s, rtol=2e-5)
+      if low is not None:
+        np.testing.assert_allclose(float(zero[gi, col]), -low, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [jquant.QuantSpec(bits=3, granularity="group", group_size=64),
+                                  jquant.QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32),
+                                  jquant.QuantSpec(bits=4, symmetric=False, offset="min", granularity="channel"),
+                                  jquant.QuantSpec(bits=8, symmetric_scale="max", granularity="group",
+                                                   group_size=32)])
+def test_fit_clipping_never_worse_than_minmax(spec):
+  """Min-max is one of the fit's candidates: the (importance-weighted) squared error never grows, and it
+  shrinks on heavy-tailed data."""
+  x = jax.random.laplace(jax.random.key(1), (256, 32))
+  imp = jnp.exp(jax.random.normal(jax.random.key(2), (256, 1)))
+  for w in (None, imp):
+    def err(s):
+      sc, z = jquant.compute_scale_zero(x, s, importance=w)
+      c, sc, z = jquant.quantize_values(x, s, scale=sc, zero_point=z)
+      return float(jnp.sum((1.0 if w is None else w) * (jquant.dequantize(jquant.QArray.from_codes(
+          c, sc, z, s)) - x) ** 2))
+    assert err(spec.replace(clip="fit")) < err(spec) * (1 - 1e-3)
+
+
+def test_importance_errors():
+  x = jnp.ones((64, 4))
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=32, clip="fit")
+  with pytest.raises(ValueError, match=r"importance has shape \(3,\).*broadcast"):
+    jquant.compute_scale_zero(x, spec, importance=jnp.ones(3))
+  with pytest.raises(ValueError, match="importance has negative or non-finite"):
+    jquant.compute_scale_zero(x, spec, importance=-jnp.ones((64, 1)))
+  with pytest.raises(ValueError, match="importance has negative or non-finite"):
+    jquant.compute_scale_zero(x, spec, importance=jnp.full((64, 1), jnp.nan))
+
+
 def test_pad_groups_short_last_group():
   x = jax.random.normal(jax.random.key(2), (576, 8))
   spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128, pad_groups=True)
@@ -270,11 +355,12 @@ def _extreme_spec(kind, bits, gran):
           "min": jquant.QuantSpec(bits=bits, symmetric=False, offset="min", **layout),
           "bf16": jquant.QuantSpec(bits=bits, scale_dtype="bfloat16", **layout),
           "mse": jquant.QuantSpec(bits=bits, symmetric=bits % 2 == 0, clip="mse", mse_grid=8, **layout),
+          "fit": jquant.QuantSpec(bits=bits, symmetric=bits % 2 == 1, clip="fit", **layout),
           }[kind]
 
 
 @settings(max_examples=12, deadline=None)
-@given(kind=st.sampled_from(["half", "max", "signed", "asym", "min", "bf16", "mse", "gguf"]),
+@given(kind=st.sampled_from(["half", "max", "signed", "asym", "min", "bf16", "mse", "fit", "gguf"]),
        bits=st.integers(2, 8), gran=st.sampled_from(["tensor", "channel", "group"]),
        dtype=st.sampled_from(["float32", "bfloat16", "float16"]), exponent=st.floats(-30, 38.53),
        spread=st.floats(0, 12), seed=st.integers(0, 2**16), extreme=st.booleans())
@@ -314,3 +400,21 @@ def test_extreme_magnitudes_stay_finite_and_bounded(kind, bits, gran, dtype, exp
     np.testing.assert_array_equal(np.asarray(jquant.dequantize(q2)), np.asarray(jquant.dequantize(q)))
     fq = np.asarray(jquant.fake_quant(x, spec), np.float64)
     np.testing.assert_array_equal(fq, d)
+
+
+def test_quantize_importance_weights_the_search():
+  """``quantize(importance=...)`` uses the weighted search (one- and two-level grids): its weighted error is
+  below the unweighted search's, and a one-level result is bit for bit compute_scale_zero's parameters."""
+  x = jax.random.laplace(jax.random.key(4), (512, 16))
+  imp = jnp.exp(2 * jax.random.normal(jax.random.key(5), (512, 1)))
+  werr = lambda q: float(jnp.sum(imp * (jquant.dequantize(q) - x) ** 2))  # noqa: E731
+  for spec in (jquant.QuantSpec(bits=4, granularity="group", group_size=32, clip="fit"), jquant.gguf.spec_for("Q4_K")
+               .replace(clip="fit")):
+    assert werr(jquant.quantize(x, spec, importance=imp)) < 0.95 * werr(jquant.quantize(x, spec))
+  spec = jquant.QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32, clip="fit")
+  s, z = jquant.compute_scale_zero(x, spec, importance=imp)
+  c, s, z = jquant.quantize_values(x, spec, scale=s, zero_point=z)
+  q = jquant.quantize(x, spec, importance=imp)
+  np.testing.assert_array_equal(np.asarray(q.codes()), np.asarray(c))
+  with pytest.raises(ValueError, match="clip='minmax' takes min-max ranges and would ignore it"):
+    jquant.quantize(x, spec.replace(clip="minmax"), importance=imp)

@@ -100,3 +100,22 @@ def test_quantize_params_names_every_non_finite_selected_leaf():
     jquant.quantize_params(p, [jquant.Rule(r"kernel$", SPEC4)])
   q = jquant.quantize_params(p, [jquant.Rule(r"head", None), jquant.Rule(r"embed", SPEC4.replace(axis=1))])
   assert isinstance(q["embed"]["embedding"], jquant.QArray)
+
+
+def test_quantize_params_importance_vectors():
+  """A ``(K,)`` importance vector per path lies along the leaf's contraction axis: bit for bit
+  ``quantize(leaf, spec, importance=imp[:, None])``; other leaves unweighted; a wrong length names the leaf."""
+  params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 8))},
+            "b": {"kernel": jax.random.normal(jax.random.key(1), (64, 8))}}
+  spec = jquant.QuantSpec(bits=3, granularity="group", group_size=32, clip="fit")
+  imp = jnp.exp(jax.random.normal(jax.random.key(2), (64,)))
+  out = jquant.quantize_params(params, [jquant.Rule("kernel", spec)], importance={"params/a/kernel": imp})
+  want_a = jquant.quantize(params["a"]["kernel"], spec, importance=imp[:, None])
+  np.testing.assert_array_equal(np.asarray(out["a"]["kernel"].qvalue), np.asarray(want_a.qvalue))
+  np.testing.assert_array_equal(np.asarray(out["a"]["kernel"].scale), np.asarray(want_a.scale))
+  np.testing.assert_array_equal(np.asarray(out["b"]["kernel"].qvalue),
+                                np.asarray(jquant.quantize(params["b"]["kernel"], spec).qvalue))
+  assert not np.array_equal(np.asarray(out["a"]["kernel"].scale),
+                            np.asarray(jquant.quantize(params["a"]["kernel"], spec).scale))
+  with pytest.raises(ValueError, match=r"leaf 'a/kernel'.*importance has shape \(63,\)"):
+    jquant.quantize_params(params, [jquant.Rule("kernel", spec)], importance={"a/kernel": imp[:63]})

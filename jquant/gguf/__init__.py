@@ -8,6 +8,8 @@
   GGUF, with a per-tensor report (types, llama.cpp's fallbacks).
 * `reader` (`load`): a GGUF as a jquant `Model` whose quantized tensors are packed
   `QArray` s at their own size (or float32).
+* `arith` (`llamacpp_params`): llama.cpp's CPU matmul arithmetic (activations
+  quantized to Q8_0/Q8_1/Q8_K first), to predict llama.cpp's perplexity.
 
 Example:
     >>> import jquant
@@ -22,6 +24,9 @@ from jquant.gguf import types, blocks, tokenizer
 from jquant.gguf.types import TYPES, QUANT_TYPES, FLOAT_TYPES, spec_for, type_of, fallback_type, bits_per_weight
 from jquant.gguf.writer import export, rules, ExportReport, TensorReport
 from jquant.gguf.reader import load, read_config
+from jquant.gguf import arith
+from jquant.gguf.arith import llamacpp_params, GGMLWeight, quantize_activations, tensor_types
 
 __all__ = ["types", "blocks", "tokenizer", "TYPES", "QUANT_TYPES", "FLOAT_TYPES", "spec_for", "type_of", "fallback_type",
-           "bits_per_weight", "export", "rules", "ExportReport", "TensorReport", "load", "read_config"]
+           "bits_per_weight", "export", "rules", "ExportReport", "TensorReport", "load", "read_config", "arith",
+           "llamacpp_params", "GGMLWeight", "quantize_activations", "tensor_types"]

@@ -362,6 +362,9 @@ def export(path, params, *, like: Any = None, types: Union[None, str, Mapping[st
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private: give it a plain file's mode
     os.replace(tmp, path)  # the commit point
   except BaseException:
     if os.path.exists(tmp):

@@ -244,9 +244,10 @@ def _group_params(vals, spec):
   return _round_scale(s, spec), z
 
 
-def _static_params(w, spec, lay: _Layout):
-  """Parameters of every group from ``w`` (K, N) as RTN computes them, as (G, N)."""
-  s, z = compute_scale_zero(w, spec.replace(axis=0))
+def _static_params(w, spec, lay: _Layout, importance=None):
+  """Parameters of every group from ``w`` (K, N) as RTN computes them, as (G, N); the ``"mse"`` and
+  ``"fit"`` searches weight each row's error by ``importance`` (K, 1): the Hessian's diagonal."""
+  s, z = compute_scale_zero(w, spec.replace(axis=0), importance=importance)
   n = w.shape[1]
   s = jnp.broadcast_to(_round_scale(s, spec), (lay.n_groups, n))
   z = None if z is None else jnp.broadcast_to(z, (lay.n_groups, n))
@@ -396,7 +397,8 @@ def factor_hessian(h, damp, *, act_order: bool = False, damp_tries: int = 4, dam
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "mesh",
                                              "axis_names"))
-def _solve_jit(w, h, fac: Factor, *, spec, block_size, act_order, static_groups, mesh, axis_names):
+def _solve_jit(w, h, fac: Factor, importance=None, *, spec, block_size, act_order, static_groups, mesh,
+               axis_names):
   k = w.shape[0]
   rest = w.shape[1:]
   w0 = w.reshape(k, -1).astype(jnp.float32)
@@ -415,7 +417,10 @@ def _solve_jit(w, h, fac: Factor, *, spec, block_size, act_order, static_groups,
     scale0 = jnp.ones((lay.n_groups, n), jnp.float32)
     zero0 = None if sym else jnp.zeros((lay.n_groups, n), jnp.float32)
   else:  # per-tensor / per-channel ranges, or static groups: from the original weights
-    scale0, zero0 = _static_params(wf, spec, lay)
+    # "fit" weighs each row's error by the Hessian's diagonal unless told otherwise; "mse" by default
+    # searches unweighted, as GPTQ's reference quantizer does.
+    imp = jnp.diagonal(h0) if importance is None and spec.clip == "fit" else importance
+    scale0, zero0 = _static_params(wf, spec, lay, None if imp is None else jnp.maximum(imp, 0.0)[:, None])
   scale0 = jnp.concatenate([scale0, jnp.ones((1, n), jnp.float32)])
   zero0 = None if sym else jnp.concatenate([zero0, jnp.zeros((1, n), jnp.float32)])
 
@@ -493,12 +498,13 @@ def _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth, fn=
 def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
                 act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
                 damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None,
-                factor: Optional[Factor] = None, _fn: str = "gptq.solve_codes") -> Solution:
+                factor: Optional[Factor] = None, importance=None, _fn: str = "gptq.solve_codes") -> Solution:
   """`solve` without packing or error checks on the result: returns a `Solution`.
 
   Usable under an outer ``jax.jit``; inspect ``Solution.ok`` yourself there.
   ``factor``: a `factor_hessian` of ``hessian`` computed with the same
   ``damp``, ``act_order`` and retry schedule, to share it between kernels.
+  ``importance``: see `solve`.
 
   Raises:
     ValueError: bad arguments (as `solve`), or concrete ``w`` / ``hessian``
@@ -508,6 +514,15 @@ def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: flo
       ``w`` as a NaN ``loss``.
   """
   w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth, fn=_fn)
+  if importance is not None:
+    importance = jnp.asarray(importance, jnp.float32)
+    if importance.shape != (h.shape[0],):
+      raise ValueError(f"{_fn}: importance has shape {tuple(importance.shape)}; allowed: ({h.shape[0]},), one "
+                       "weight per input row of w (e.g. the mean square of the inputs, llama.cpp's importance "
+                       "matrix).")
+    check_finite({"importance": importance}, _fn, "inputs", "pass finite importance weights >= 0.")
+    if not isinstance(importance, jax.core.Tracer) and bool(jnp.any(importance < 0)):
+      raise ValueError(f"{_fn}: importance has negative entries; allowed: weights >= 0.")
   if mesh is not None and axis_names is None:
     axis_names = tuple(mesh.axis_names)
   elif axis_names is not None:
@@ -516,7 +531,8 @@ def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: flo
   if fac is None:
     fac = factor_hessian(h, jnp.float32(damp), act_order=bool(act_order), damp_tries=int(damp_tries),
                          damp_growth=float(damp_growth))
-  run = functools.partial(_solve_jit, h=h, fac=fac, spec=spec.replace(axis=0), block_size=int(block_size),
+  run = functools.partial(_solve_jit, h=h, fac=fac, importance=importance, spec=spec.replace(axis=0),
+                          block_size=int(block_size),
                           act_order=bool(act_order), static_groups=bool(static_groups), mesh=mesh,
                           axis_names=axis_names)
   n = w.shape[1] if w.ndim == 2 else 0
@@ -544,7 +560,7 @@ def damp_error(damp: float, damp_tries: int, damp_growth: float, where: str = "g
 
 def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01,
           act_order: bool = False, static_groups: bool = False, damp_tries: int = 4,
-          damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None):
+          damp_growth: float = 10.0, mesh: Optional[Mesh] = None, axis_names=None, importance=None):
   """GPTQ-quantizes one kernel ``w`` (in, out...) given the Hessian of its inputs.
 
   Args:
@@ -553,7 +569,7 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
     hessian: ``(in, in)`` float Hessian ``2/N sum x x^T`` (see `hessian`).
       Zero diagonal entries mark dead inputs: their rows become 0.
     spec: `jquant.QuantSpec` with ``axis=0``; tensor, channel or group
-      granularity, symmetric or not, ``clip`` "minmax" or "mse".
+      granularity, symmetric or not, ``clip`` "minmax", "mse" or "fit".
     block_size: Rows per lazy-update block (speed only; results equal up to
       float rounding).
     damp: ``damp * mean(diag(H))`` is added to the diagonal. If the Cholesky
@@ -573,6 +589,13 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
     mesh: Optional `jax.sharding.Mesh`; output columns are split over
       ``axis_names`` (default: all mesh axes). Same result as without a mesh.
     axis_names: Mesh axis name or names to split the output columns over.
+    importance: Optional ``(in,)`` non-negative weights of each input row's
+      error in the ``clip="mse"`` / ``"fit"`` searches of static (and
+      per-channel) group parameters; by default ``"fit"`` weighs by the
+      Hessian's diagonal and ``"mse"`` searches unweighted (as GPTQ's
+      reference quantizer). E.g.
+      the mean square of the float model's inputs (llama.cpp's importance
+      matrix) when ``hessian`` is computed with capped or re-weighted tokens.
 
   Returns:
     ``(QArray, loss)``: the packed kernel and ``sum_j (w - q)_j^T H (w - q)_j / 2``
@@ -593,7 +616,7 @@ def solve(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: float = 0
   """
   sol = solve_codes(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order,
                     static_groups=static_groups, damp_tries=damp_tries, damp_growth=damp_growth,
-                    mesh=mesh, axis_names=axis_names, _fn="gptq.solve")
+                    mesh=mesh, axis_names=axis_names, importance=importance, _fn="gptq.solve")
   if not isinstance(sol.ok, jax.core.Tracer) and not bool(sol.ok):
     raise damp_error(damp, damp_tries, damp_growth)
   return pack(sol, spec, jnp.asarray(w).dtype), sol.loss

@@ -69,7 +69,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -375,7 +375,7 @@ def _on_mesh(a, mesh) -> bool:
 def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optional[str] = None,
                    batch_size: int = 8, mesh: Optional[Mesh] = None, data_axis: Optional[str] = None,
                    skip_positions: int = 0, position_weights=None, token_norm_cap: Optional[float] = 10.0,
-                   true_sequential: bool = True,
+                   true_sequential: bool = True, importance: Optional[Mapping[str, Any]] = None,
                    return_report: bool = False,
                    progress: bool = True, verbose: Optional[bool] = None, **solver_options):
   """GPTQ-quantizes every rule-selected weight of any model, block by block.
@@ -435,6 +435,15 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       does. One block run per group; False: one capture with the float block
       for all groups (faster, calibrates later layers on inputs the
       quantized model never produces).
+    importance: Optional ``{path: (K,) weights}`` over each weight's
+      contraction (paths as in ``rules``, a leading ``params/`` allowed): the
+      per-row error weights of the ``clip="mse"`` / ``"fit"`` searches of
+      static group parameters (default: ``"fit"`` weighs by the diagonal of
+      the Hessian GPTQ solves with, ``"mse"`` searches unweighted). E.g. the float model's mean squared inputs,
+      ``jnp.diagonal(H)`` of `jquant.mixed.hessians` (llama.cpp's importance
+      matrix, unaffected by ``token_norm_cap``). Weights that share an input
+      share one vector: the first given among them. Leaves rounded to nearest
+      (the tied embedding) use theirs in the same searches.
     return_report: Return a `GPTQResult` ``(params, report)`` instead of the
       params alone.
     progress: A tqdm bar over blocks.
@@ -467,6 +476,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   """
   _check_options(solver_options)
   solver_options = {**MODEL_DEFAULTS, **solver_options}
+  imp_by_path = {str(k).removeprefix("params/"): v for k, v in (importance or {}).items()}
   verbose = progress if verbose is None else verbose
   rules = blockpass.check_rules(rules, "gptq.quantize_model")
   if isinstance(skip_positions, bool) or not isinstance(skip_positions, (int, np.integer)) or skip_positions < 0:
@@ -520,6 +530,10 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   runs = blockpass.Runs(model, apply, params, batches, blocks, put_params)
   prog = runs.main.prog
   flat, treedef = runs.flat(params)
+  unknown = sorted(set(imp_by_path) - set(flat))
+  if unknown:
+    raise ValueError(f"quantize_model: importance names {unknown[:4]}, not parameters of the model; allowed: "
+                     f"weight paths such as {sorted(flat)[:3]}.")
   new_flat = dict(flat)
   deq_flat = dict(flat)  # new_flat with its QArrays dequantized
   states = runs.prefix(flat, [put_data(b) for b in batches])
@@ -561,8 +575,9 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
           for spec, paths in by_spec.items():
             together = [paths] if spec.granularity != "tensor" else [[p] for p in paths]
             for part in together:
+              imp = next((imp_by_path[f] for f in (targets[p][0] for p in part) if f in imp_by_path), None)
               reports.extend(_solve_part(part, targets, rel_float, hess, fac, spec, seg.name, opts, mesh,
-                                         axis_names, solver_options, new_flat))
+                                         axis_names, dict(solver_options, importance=imp), new_flat))
               for p in part:
                 full = targets[p][0]
                 deq_flat[full] = _dequantized_like(new_flat[full], flat[full])
@@ -576,7 +591,8 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   del states
 
   out = jax.tree_util.tree_unflatten(treedef, [new_flat[p] for p in prog.param_paths])
-  out, rtn_leaves = blockpass.round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0])
+  out, rtn_leaves = blockpass.round_the_rest(out, new_flat, rules, found_axes, apply, params, batches[0],
+                                             imp_by_path)
   report = GPTQReport(tuple(reports), time.perf_counter() - start, rtn_leaves, int(tokens or 0))
   if verbose:
     print(report)
