@@ -8,12 +8,12 @@ virtual environment (about 10 minutes on 2 cores):
       .cache/llamacpp-venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python numpy
 
 then ``.venv/bin/python experiments/gguf_llamacpp.py [--windows 4] [--types Q8_0 Q4_K ...]
-[--solvers rtn gptq-fit awq] [--keep DIR]`` (about 6 minutes per type and solver on 2 busy cores; rows are
+[--solvers rtn rtn-imp gptq-fit awq] [--keep DIR]`` (about 6 minutes per type and solver on 2 busy cores; rows are
 cached in ``experiments/results/gguf_llamacpp.json`` and reused while the settings match).
 
-For each type: SmolLM2-135M quantized by jquant on the type's grid (RTN; GPTQ with static groups, min-max
-``gptq``, or ``gptq-mse`` / ``gptq-fit``: the groups' scales searched with each row's error weighted by the
-Hessian's diagonal; AWQ) and exported; the float model exported as F32 and quantized by llama.cpp's own
+For each type: SmolLM2-135M quantized by jquant on the type's grid (``rtn``; ``rtn-imp``: ``clip="fit"``
+weighted by the importance below; ``gptq``: static min-max groups; ``gptq-fit``: static groups fitted under the
+importance, damp 0.01; ``awq``) and exported; the float model exported as F32 and quantized by llama.cpp's own
 ``llama_model_quantize`` (``pure``: every tensor the type, llama.cpp's fallbacks where rows do not fit), once
 without and once with an importance matrix: per input column the mean square of the calibration activations
 (what ``llama-imatrix`` computes; that tool is not in the Python package), from the same calibration windows
@@ -201,10 +201,13 @@ def main():
   print(table(runs, args.types))
 
 
-def table(runs, types, solvers=("rtn", "gptq-fit", "awq")):
+_NAMES = {"rtn": "RTN", "rtn-imp": "RTN + importance", "gptq": "GPTQ min-max", "gptq-fit": "GPTQ", "awq": "AWQ"}
+
+
+def table(runs, types, solvers=("rtn", "rtn-imp", "gptq-fit", "awq")):
   """The README's table from the cached runs: llama.cpp's perplexity of every file, jquant's of its own."""
   g = lambda k, f="llama": f"{runs[k][f]:.3f}" if k in runs and f in runs[k] else "-"  # noqa: E731
-  names = " / ".join(s.upper() for s in solvers)
+  names = " / ".join(_NAMES[s] for s in solvers)
   lines = [f"| type | bits/weight | file MB | llama.cpp ppl: jquant {names} | llama.cpp quantize: plain / imatrix "
            f"| jquant ppl: {names} | llama.cpp vs jquant: float activations / llama.cpp's |",
            "|---|---|---|---|---|---|---|"]
