@@ -130,7 +130,8 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       broadcastable to the leaf or one vector over its contraction axes
       (``(K,)``: e.g. the diagonal of the matmul's input Hessian,
       `jquant.mixed.hessians`; llama.cpp's importance matrix). Paths may carry
-      a leading ``params/``; leaves without an entry are quantized unweighted.
+      a leading ``params/``; leaves without an entry are quantized unweighted,
+      and a path that names no quantized leaf raises ValueError.
 
   Returns:
     The same tree with the selected leaves replaced by `QArray` s, laid out on
@@ -156,6 +157,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
   seen_paths, quantized = [], [0]
   axes_by_path = {str(k).removeprefix("params/"): tuple(v) for k, v in (axes or {}).items()}
   imp_by_path = {str(k).removeprefix("params/"): v for k, v in (importance or {}).items()}
+  used: set = set()
   not_matmul: list = []
   _check_selected_finite(params, rules, axes_by_path)
 
@@ -178,6 +180,7 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
       # A leaf sharded over several devices: one compiled quantizer per layout, not one per eager op.
       imp = imp_by_path.get(path.removeprefix("params/"))
       if imp is not None:
+        used.add(path.removeprefix("params/"))
         imp = _along_contraction(imp, leaf, spec)
       q = (_quantize_jit if _sharded(leaf) else quantize)(leaf, spec, key=k, importance=imp)
     except (ValueError, TypeError) as e:
@@ -186,6 +189,10 @@ def quantize_params(params, rules: Sequence[Rule], *, key=None, axes: Optional[M
     return shard_like(q, getattr(leaf, "sharding", None))
 
   out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+  unused = sorted(set(imp_by_path) - used)
+  if unused:
+    raise ValueError(f"quantize_params: importance names {unused[:4]}, which are not leaves the rules quantize; "
+                     f"allowed: paths of rule-selected float leaves such as {seen_paths[:3]}.")
   if not_matmul:
     warnings.warn(
         f"quantize_params: rules matched {len(not_matmul)} leaves that no matmul of the model contracts "

@@ -290,3 +290,10 @@ def test_importance_reaches_the_static_group_search(toy):
   assert row_err(q_imp) < 0.5 * row_err(q_h)
   with pytest.raises(ValueError, match=r"importance names \['layers_0/mlp/dwn/kernel'\], not parameters"):
     gptq.quantize_model(m, m.params, calib, rules, importance={"layers_0/mlp/dwn/kernel": imp}, **kw)
+  # Importance that would be ignored is refused: min-max specs, dynamic groups.
+  with pytest.raises(ValueError, match=r"takes min-max ranges \(clip=minmax\): it would be ignored"):
+    gptq.quantize_model(m, m.params, calib, [jquant.Rule(r"layers_0/mlp/down/kernel$", spec.replace(clip="minmax"))],
+                        importance={"layers_0/mlp/down/kernel": imp}, **kw)
+  with pytest.raises(ValueError, match="weights static group parameters only; pass static_groups=True"):
+    gptq.quantize_model(m, m.params, calib, rules, importance={"layers_0/mlp/down/kernel": imp},
+                        **dict(kw, static_groups=False))

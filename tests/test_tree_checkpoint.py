@@ -119,3 +119,7 @@ def test_quantize_params_importance_vectors():
                             np.asarray(jquant.quantize(params["a"]["kernel"], spec).scale))
   with pytest.raises(ValueError, match=r"leaf 'a/kernel'.*importance has shape \(63,\)"):
     jquant.quantize_params(params, [jquant.Rule("kernel", spec)], importance={"a/kernel": imp[:63]})
+  with pytest.raises(ValueError, match=r"importance names \['a/kernl'\], which are not leaves the rules quantize"):
+    jquant.quantize_params(params, [jquant.Rule("kernel", spec)], importance={"a/kernl": imp})
+  with pytest.raises(ValueError, match=r"importance names \['b/kernel'\], which are not leaves the rules quantize"):
+    jquant.quantize_params(params, [jquant.Rule("a/kernel", spec)], importance={"b/kernel": imp})

@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 from jquant import blockpass, graph, intercept
 from jquant.gptq import core
 from jquant.qarray import QArray, dequantize, quantize, to_matrix
-from jquant.spec import QuantSpec, Rule
+from jquant.spec import QuantSpec, Rule, first_match
 from jquant.tree import shard_like
 from jquant.tokens import check_calibration_tokens
 from jquant.utils import check_finite, path_str
@@ -442,7 +442,10 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       the Hessian GPTQ solves with, ``"mse"`` searches unweighted). E.g. the float model's mean squared inputs,
       ``jnp.diagonal(H)`` of `jquant.mixed.hessians` (llama.cpp's importance
       matrix, unaffected by ``token_norm_cap``). Weights that share an input
-      share one vector: the first given among them. Leaves rounded to nearest
+      share one vector: that of the first among them in the model's call
+      order (q before k and v) that has one. Importance that would be
+      ignored (a min-max spec, group parameters without ``static_groups``)
+      raises ValueError. Leaves rounded to nearest
       (the tied embedding) use theirs in the same searches.
     return_report: Return a `GPTQResult` ``(params, report)`` instead of the
       params alone.
@@ -531,6 +534,15 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   prog = runs.main.prog
   flat, treedef = runs.flat(params)
   unknown = sorted(set(imp_by_path) - set(flat))
+  for path in sorted(set(imp_by_path) - set(unknown)):
+    spec = first_match(rules, path)[1]
+    if spec is None or spec.clip == "minmax":
+      raise ValueError(f"quantize_model: importance is given for {path!r}, whose rule spec "
+                       f"{'keeps it float' if spec is None else 'takes min-max ranges (clip=minmax)'}: it would be "
+                       "ignored; use specs with clip='fit' (or 'mse') or drop that entry.")
+    if spec.granularity == "group" and not solver_options.get("static_groups", False):
+      raise ValueError(f"quantize_model: importance is given for {path!r}, but it weights static group "
+                       "parameters only; pass static_groups=True (groups fixed from the original weights).")
   if unknown:
     raise ValueError(f"quantize_model: importance names {unknown[:4]}, not parameters of the model; allowed: "
                      f"weight paths such as {sorted(flat)[:3]}.")
