@@ -19,8 +19,8 @@ without and once with an importance matrix: per input column the mean square of 
 (what ``llama-imatrix`` computes; that tool is not in the Python package), from the same calibration windows
 jquant's solvers see, passed through llama.cpp's C API. llama.cpp evaluates every file on the same windows (no
 BOS, each window from an empty cache, NLL of tokens 1.. as jquant does); jquant evaluates its own exports
-loaded back packed (`jquant.gguf.load`), with float activations and, where `jquant.gguf.llamacpp_params`
-exists, with llama.cpp's quantized activations.
+loaded back packed (`jquant.gguf.load`), with float activations and with llama.cpp's quantized activations
+(`jquant.gguf.llamacpp_params`).
 """
 
 import argparse
@@ -149,6 +149,10 @@ def main():
   m = jquant.models.from_gguf()
   windows = jquant.data.eval_windows(m.tokenizer, args.windows)
   calib = jquant.data.calibration_windows(m.tokenizer, args.calib)
+
+  def llamacpp_ppl(params):  # jquant's prediction of llama.cpp's perplexity (its activation arithmetic)
+    return jquant.eval.perplexity(m, jquant.gguf.llamacpp_params(params), windows, batch_size=2, progress=False)[0]
+
   with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".cache")) as tmp:
     if args.keep:
       os.makedirs(args.keep, exist_ok=True)
@@ -169,10 +173,9 @@ def main():
         key = f"{name} {solver}"
         path = os.path.join(tmp, f"{name}-{solver}.gguf")
         if key in runs:
-          if "jquant_llamacpp" not in runs[key] and hasattr(jquant.gguf, "llamacpp_params") and os.path.exists(path):
-            packed = jquant.gguf.load(path, tokenizer=False)  # a kept file scored before that function existed
-            runs[key]["jquant_llamacpp"] = jquant.eval.perplexity(m, jquant.gguf.llamacpp_params(packed.params),
-                                                                  windows, batch_size=2, progress=False)[0]
+          if "jquant_llamacpp" not in runs[key] and os.path.exists(path):
+            # a kept file scored before jquant.gguf.llamacpp_params existed
+            runs[key]["jquant_llamacpp"] = llamacpp_ppl(jquant.gguf.load(path, tokenizer=False).params)
             save()
           continue
         t0 = time.time()
@@ -182,9 +185,7 @@ def main():
         runs[key] = {"mb": rep.nbytes / 1e6, "llama": _llama("ppl", path, wpath)["ppl"],
                      "jquant": jquant.eval.perplexity(m, packed.params, windows, batch_size=2, progress=False)[0],
                      "seconds": round(time.time() - t0)}
-        if hasattr(jquant.gguf, "llamacpp_params"):
-          runs[key]["jquant_llamacpp"] = jquant.eval.perplexity(m, jquant.gguf.llamacpp_params(packed.params),
-                                                                windows, batch_size=2, progress=False)[0]
+        runs[key]["jquant_llamacpp"] = llamacpp_ppl(packed.params)
         save()
         print(key, json.dumps(runs[key]), flush=True)
       for imatrix in ("-", "imatrix"):
