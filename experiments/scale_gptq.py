@@ -1,4 +1,4 @@
-"""GPTQ on a model sharded over 8 devices: peak bytes per device and time per block, 1B-Llama block shapes.
+"""GPTQ of a 1B Llama sharded over 8 devices: peak bytes per device and time per block; TPU compile-only memory.
 
 A synthetic Llama with SmolLM2-135M's proportions scaled up to about 1B
 parameters (random weights): dim 2048 (SmolLM2: 576), head_dim 64 (64),
@@ -24,14 +24,20 @@ Measured:
 * wall time per block (block 0 includes compilation; the later ones reuse
   the compiled steps).
 
-On 2 shared CPU cores the full 20 layers do not fit the time, so by default
-``--layers 3`` blocks of exactly these shapes run and the whole model is
-extrapolated per block (the per-block work and working set do not depend on
-the depth; the float model per device grows linearly with it). Writes
-``experiments/results/scale_gptq.md`` and ``.json``.
+The whole 20-layer model runs by default (about 50 minutes on 2 CPU cores);
+``--layers N`` runs the first N blocks of the same shapes (the per-block work
+and working set do not depend on the depth; the float model per device grows
+linearly with it). Writes ``experiments/results/scale_gptq.md`` and ``.json``.
+
+``--tpu-aot TOPOLOGY`` instead compiles GPTQ's two K x K steps (the damped
+factor and the column-split sweep) for a TPU topology with libtpu (`make
+tpu-aot`; no TPU needed) and writes their per-chip memory in units of K x K
+matrices to ``experiments/results/scale_gptq_tpu.md`` and ``.json``: the
+coefficients of the 70B estimate in the README.
 
 Usage:
-    python experiments/scale_gptq.py [--layers 3] [--mesh 4x2] [--windows 8] [--seq 64]
+    python experiments/scale_gptq.py [--layers 20] [--mesh 4x2] [--windows 8] [--seq 64]
+    python experiments/scale_gptq.py --tpu-aot v5e:2x4
 """
 
 from __future__ import annotations
@@ -45,6 +51,18 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# libtpu for --tpu-aot (compile only; JAX_PLATFORMS=cpu keeps any TPU backend from starting), as tests/conftest.py.
+LIBTPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, ".venv", "libtpu-aot", "libtpu",
+                      "libtpu.so")
+if "TPU_LIBRARY_PATH" not in os.environ and os.path.isfile(LIBTPU):
+  os.environ["TPU_LIBRARY_PATH"] = os.path.abspath(LIBTPU)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside a test run that also loads it
+# 8 simulated devices on 2 cores: a device thread can wait minutes at a collective while the others compute;
+# XLA's CPU runtime would abort the process after 40 s (and warn after 20 s).
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+                              " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+                              " --xla_cpu_collective_timeout_seconds=3600")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -148,6 +166,7 @@ def instrument():
     return _analysed("hessian step" if reduce is not None else "block forward", f)
 
   graph.Program.jitted = jitted_analysed
+  gptq_core.factor_hessian = _analysed("factor (Cholesky + triangular inverse)", gptq_core.factor_hessian)
   solve = gptq_core._solve_jit
   gptq_core._solve_jit = _analysed("gptq sweep (shard_map over columns)", solve)
   forward = gptq_model._Runs.forward
@@ -209,16 +228,67 @@ def aot_full(mesh, layers: int = FULL_LAYERS) -> dict:
   return out
 
 
+def tpu_aot(topology: str, factor_sizes=(2048, 4096), sweep_shapes=((2048, 8192),)) -> dict:
+  """Per-chip memory of GPTQ's two K x K steps, compiled for a TPU ``topology`` (compile only, no TPU).
+
+  `jquant.gptq.factor_hessian` (K x K in, replicated) is compiled for each K in
+  ``factor_sizes``, and the column-split sweep (`_solve_jit`, output columns
+  over every chip of the topology) for each (K, N) in ``sweep_shapes``; their
+  `compile().memory_analysis()` is read and expressed in units of one K x K
+  float32 matrix. libtpu's compile time grows steeply with K (a K = 4096
+  factor takes minutes on 2 cores), so 70B sizes (K = 28672) are reached by
+  these units, which do not depend on K.
+  """
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  n = len(topo.devices)
+  mesh = sharding.make_mesh(n, 1, devices=topo.devices)
+  sds = jax.ShapeDtypeStruct
+  P = jax.sharding.PartitionSpec
+  rep = jax.sharding.NamedSharding(mesh, P())
+  cols = jax.sharding.NamedSharding(mesh, P(None, tuple(mesh.axis_names)))
+  spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128)
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+  out = {"topology": topology, "chips": n, "factor": [], "sweep": []}
+  for k in factor_sizes:
+    t0 = time.perf_counter()
+    ma = gptq_core.factor_hessian.lower(sds((k, k), np.float32, sharding=rep), sds((), np.float32, sharding=rep),
+                                        act_order=True).compile().memory_analysis()
+    row = {"k": k, "compile_s": time.perf_counter() - t0, **{f: int(getattr(ma, f)) for f in fields}}
+    out["factor"].append(row)
+    print(f"{topology} factor K={k}: temp {row['temp_size_in_bytes'] / (4 * k * k):.2f} K^2 ({row['compile_s']:.0f} s)",
+          flush=True)
+  for k, nn in sweep_shapes:
+    h = sds((k, k), np.float32, sharding=rep)
+    fac = jax.eval_shape(lambda h: gptq_core.factor_hessian(h, np.float32(0.01), act_order=True),
+                         sds((k, k), np.float32))
+    fac = jax.tree_util.tree_map(lambda a: sds(a.shape, a.dtype, sharding=rep), fac)
+    t0 = time.perf_counter()
+    ma = SOLVE_JIT.lower(sds((k, nn), np.float32, sharding=cols), h, fac, spec=spec, block_size=128,
+                         act_order=True, static_groups=False, mesh=mesh,
+                         axis_names=tuple(mesh.axis_names)).compile().memory_analysis()
+    row = {"k": k, "n": nn, "compile_s": time.perf_counter() - t0, **{f: int(getattr(ma, f)) for f in fields}}
+    out["sweep"].append(row)
+    print(f"{topology} sweep {k}x{nn}: temp {row['temp_size_in_bytes'] / (4 * k * k):.2f} K^2 "
+          f"({row['compile_s']:.0f} s)", flush=True)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--layers", type=int, default=3)
+  ap.add_argument("--layers", type=int, default=FULL_LAYERS)
   ap.add_argument("--mesh", default="4x2", help="fsdp x tensor")
   ap.add_argument("--windows", type=int, default=8)
   ap.add_argument("--seq", type=int, default=64)
   ap.add_argument("--no-aot", action="store_true", help="skip the compile-only accounting of the 1B model")
   ap.add_argument("--shape", default="", help="override block shapes, e.g. dim=512,ffn_dim=1408,n_heads=8,"
                   "n_kv_heads=2,vocab_size=4096 (a quick check of the script)")
+  ap.add_argument("--tpu-aot", default="", metavar="TOPOLOGY",
+                  help="instead of the run: compile GPTQ's K x K steps (factor, column-split sweep) for this TPU "
+                  "topology (e.g. v5e:2x4; needs `make tpu-aot`) and write scale_gptq_tpu.{md,json}")
   args = ap.parse_args()
+  if args.tpu_aot:
+    return tpu_main(args.tpu_aot)
   for kv in filter(None, args.shape.split(",")):
     k, v = kv.split("=")
     SHAPE[k] = int(v)
@@ -279,11 +349,10 @@ def main():
   steady = times[1:] if len(times) > 1 else times
   per_block = float(np.mean(steady))
   rows["seconds_per_block_steady"] = per_block
-  # Per block, the solves dominate; their work grows as sum_g K_g^2 N_g (the column sweeps).
+  # The sweeps' work per block, sum_g K_g^2 N_g, against the 1B block's (1 when the 1B shapes ran).
   sweep = lambda c: sum(k * k * n for k, n in _groups(c).values())
   ratio = sweep(config(1, FULL_SHAPE)) / sweep(cfg)
   rows["sweep_work_ratio_full_over_ran"] = ratio
-  rows["extrapolated_full_seconds_per_block"] = per_block * ratio
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, "scale_gptq.json"), "w") as fh:
     json.dump(rows, fh, indent=1, default=str)
@@ -313,10 +382,14 @@ def main():
   lines += ["", "| block | seconds | of which solves |", "|---:|---:|---:|"]
   for i, (t, s) in enumerate(zip(times, rows["solve_seconds_per_block"])):
     lines.append(f"| {i}{' (compiles)' if i == 0 else ''} | {t:.1f} | {s:.1f} |")
-  lines += ["", f"Steady time per block {per_block:.1f} s. Extrapolated per block to the 1B shapes by the sweep work "
-            f"sum_g K_g^2 N_g (x{ratio:.0f}): {per_block * ratio / 60:.0f} min per block, "
-            f"{per_block * ratio * FULL_LAYERS / 3600:.1f} h for {FULL_LAYERS} blocks on this simulated mesh. "
-            f"GPTQ loss / RTN loss {rows['gptq_loss_over_rtn']:.3f}. "
+  whole = cfg.n_layers == FULL_LAYERS and SHAPE == FULL_SHAPE
+  if whole:
+    timing = (f"The whole model ran: {cfg.n_layers} blocks in {(end - start) / 60:.1f} min, {per_block:.0f} s per "
+              f"block after the first (median {float(np.median(steady)):.0f} s). ")
+  else:
+    timing = (f"Steady time per block {per_block:.1f} s (a 1B block does {ratio:.0f}x this model's sweep work "
+              "sum_g K_g^2 N_g). ")
+  lines += ["", timing + f"GPTQ loss / RTN loss {rows['gptq_loss_over_rtn']:.3f}. "
             f"Quantized leaves laid out like their float weights: {spec_ok}."]
   if not args.no_aot:
     aot = aot_full(mesh)
@@ -334,6 +407,30 @@ def main():
     with open(os.path.join(RESULTS, "scale_gptq.json"), "w") as fh:
       json.dump(rows, fh, indent=1, default=str)
   open(os.path.join(RESULTS, "scale_gptq.md"), "w").write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+
+def tpu_main(topology: str):
+  if not os.path.isfile(LIBTPU):
+    raise SystemExit("libtpu is not installed: run `make tpu-aot` first.")
+  r = tpu_aot(topology)
+  k2 = lambda row, f: row[f] / (4 * row["k"] ** 2)
+  lines = [f"# GPTQ's K x K steps compiled for TPU {topology} ({r['chips']} chips; libtpu, no TPU)", "",
+           "Per chip, from `compile().memory_analysis()`, in units of one K x K float32 matrix (4 K^2 bytes).", "",
+           "| step | K x N | arguments | temporaries | outputs | compile |", "|---|---|---:|---:|---:|---:|"]
+  for row in r["factor"]:
+    lines.append(f"| factor_hessian | {row['k']} x {row['k']} | {k2(row, 'argument_size_in_bytes'):.2f} | "
+                 f"{k2(row, 'temp_size_in_bytes'):.2f} | {k2(row, 'output_size_in_bytes'):.2f} | "
+                 f"{row['compile_s']:.0f} s |")
+  for row in r["sweep"]:
+    lines.append(f"| sweep (columns over {r['chips']} chips) | {row['k']} x {row['n']} | "
+                 f"{k2(row, 'argument_size_in_bytes'):.2f} | {k2(row, 'temp_size_in_bytes'):.2f} | "
+                 f"{k2(row, 'output_size_in_bytes'):.2f} | {row['compile_s']:.0f} s |")
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, "scale_gptq_tpu.json"), "w") as fh:
+    json.dump(r, fh, indent=1)
+  open(os.path.join(RESULTS, "scale_gptq_tpu.md"), "w").write("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

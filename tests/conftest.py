@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# Eight simulated devices share two CI cores with a second test process: a device thread may wait minutes for
+# the others at a collective, and XLA's CPU runtime aborts the process after 40 s by default.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+                              " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+                              " --xla_cpu_collective_timeout_seconds=3600")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
 # The tests run on the CPU. libtpu (TPU ahead-of-time compilation only) lives outside the venv's
 # site-packages, in .venv/libtpu-aot (`make tpu-aot`), so that nothing else loads it; JAX finds it

@@ -297,3 +297,19 @@ def test_importance_reaches_the_static_group_search(toy):
   with pytest.raises(ValueError, match="weights static group parameters only; pass static_groups=True"):
     gptq.quantize_model(m, m.params, calib, rules, importance={"layers_0/mlp/down/kernel": imp},
                         **dict(kw, static_groups=False))
+
+
+def test_two_level_rules_need_static_groups(toy):
+  # GGUF k-quant grids (a super-group's scale spans its groups) before any block runs, naming the option.
+  m, calib, _ = toy
+  spec = jquant.QuantSpec(bits=4, symmetric=False, offset="min", granularity="group", group_size=32, scale_bits=6,
+                          super_group_size=64, scale_dtype="float16")
+  rules = [jquant.Rule(r"layers_0/mlp/down/kernel$", spec)]
+  with pytest.raises(ValueError, match=r"static_groups=False, but the rules give \['layers_0/mlp/down/kernel'\] "
+                     r"two-level specs .*allowed: static_groups=True"):
+    gptq.quantize_model(m, m.params, calib, rules, batch_size=4, progress=False)
+  w = np.asarray(m.params["layers_0"]["mlp"]["down"]["kernel"])
+  with pytest.raises(ValueError, match=r"gptq.solve: static_groups=False with a two-level spec \(scale_bits=6"):
+    gptq.solve(w, np.eye(w.shape[0], dtype=np.float32), spec)
+  q, _ = gptq.solve(w, np.eye(w.shape[0], dtype=np.float32), spec, static_groups=True)
+  assert q.spec.two_level

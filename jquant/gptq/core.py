@@ -167,43 +167,49 @@ def _loss(w2, q2, h):
   return 0.5 * jnp.sum(e * jnp.matmul(h, e, precision=_HI))
 
 
-def _upper_factor_of_inverse(a):
-  """Upper-triangular U with ``a^-1 = U^T U`` (NaN if ``a`` is not positive definite).
+def _damped_cholesky(a, mean_diag, damp, damp_tries: int, damp_growth: float):
+  """Lower Cholesky factor of ``a + d mean_diag I`` for the first d in damp * growth^t that is finite.
 
-  With J the row reversal, ``J a J = L L^T`` gives ``a = R R^T`` for the upper
-  ``R = J L J``, so ``a^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky and one
-  triangular inverse, no explicit inverse of ``a``.
+  The first attempt runs before the loop, which only runs on failure; the
+  damping is added on the diagonal in place, so ``a``, one factor and XLA's
+  work space are all that is live.
   """
-  lower = jnp.linalg.cholesky(a[::-1, ::-1])
-  r = lower[::-1, ::-1]
-  eye = jnp.eye(a.shape[0], dtype=a.dtype)
-  return lax.linalg.triangular_solve(r, eye, left_side=True, lower=False)
-
-
-def _damped_factor(hp, damp, damp_tries: int, damp_growth: float):
-  """Factor of ``(hp + d mean(diag) I)^-1`` for the first d in damp * growth^t that works."""
-  mean_diag = jnp.mean(jnp.diagonal(hp))
-  eye = jnp.eye(hp.shape[0], dtype=hp.dtype)
+  idx = jnp.arange(a.shape[0])
 
   def attempt(t):
     d = damp * damp_growth ** t.astype(jnp.float32)
-    u = _upper_factor_of_inverse(hp + (d * mean_diag) * eye)
-    return u, jnp.all(jnp.isfinite(u)), d
+    return jnp.linalg.cholesky(a.at[idx, idx].add(d * mean_diag))
+
+  def finite(lower):
+    return jnp.all(jnp.isfinite(jnp.diagonal(lower)))  # a failed factorization is NaN throughout
 
   def cond(c):
-    t, _, ok, _ = c
+    t, _, ok = c
     return jnp.logical_and(~ok, t + 1 < damp_tries)
 
   def body(c):
-    t, _, _, _ = c
-    u, ok, d = attempt(t + 1)
-    return t + 1, u, ok, d
+    t, _, _ = c
+    lower = attempt(t + 1)
+    return t + 1, lower, finite(lower)
 
-  # One traced attempt (in the body): the loop starts from a failed "try -1".
-  nan = jnp.full_like(hp, jnp.nan)
-  init = (jnp.int32(-1), nan, jnp.bool_(False), jnp.float32(damp))
-  _, u, ok, d = lax.while_loop(cond, body, init)
-  return u, ok, d
+  first = attempt(jnp.int32(0))
+  t, lower, ok = lax.while_loop(cond, body, (jnp.int32(0), first, finite(first)))
+  return lower, ok, damp * damp_growth ** t.astype(jnp.float32)
+
+
+def _upper_factor_of_inverse(lower):
+  """Upper-triangular U with ``a^-1 = U^T U``, given ``lower`` = L with ``J a J = L L^T`` (J: the reversal).
+
+  Then ``a = R R^T`` for the upper ``R = J L J``, so ``a^-1 = R^-T R^-1`` and
+  ``U = R^-1``: one triangular inverse, no explicit inverse of ``a``. (Reversing
+  L before the solve, not its inverse after, keeps two K x K matrices live.)
+  A NaN factor gives a NaN U.
+  """
+  r = lower[::-1, ::-1]
+  # The identity is built from ``r`` (a data dependence), so it is made when the solve needs it, not hoisted to
+  # the program's start where it would sit beside the Hessian and the factor.
+  eye = jnp.eye(lower.shape[0], dtype=lower.dtype) + 0.0 * r[:1, :1]
+  return lax.linalg.triangular_solve(r, eye, left_side=True, lower=False)
 
 
 class _Layout(NamedTuple):
@@ -283,9 +289,13 @@ def _sweep(w, u, perm, scale0, zero0, *, spec: QuantSpec, lay: _Layout, dynamic:
   invperm = jnp.argsort(perm)
   zero0 = jnp.zeros_like(scale0) if sym else zero0
   visited0 = jnp.arange(n_groups + 1) >= (n_groups if dynamic else 0)
+  u_in = u
 
   def block_body(i1, carry):
     w_all, codes, scale, zero, visited = carry
+    # ``u`` passes through a barrier with the carry: its row panels are sliced when their block runs, not all
+    # hoisted to the start of the (unrolled) loop, where together they would be a second K x K matrix.
+    u, w_all = lax.optimization_barrier((u_in, w_all))
     w1 = lax.dynamic_slice_in_dim(w_all, i1, blk, 0)
     u_rows = lax.dynamic_slice_in_dim(u, i1, blk, 0)  # (blk, k_pad)
     u1 = lax.dynamic_slice_in_dim(u_rows, i1, blk, 1)  # (blk, blk)
@@ -380,18 +390,32 @@ class Factor(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("act_order", "damp_tries", "damp_growth"))
 def factor_hessian(h, damp, *, act_order: bool = False, damp_tries: int = 4, damp_growth: float = 10.0) -> Factor:
-  """Dead-input handling, act-order permutation and the damped inverse factor of ``h`` (K, K)."""
+  """Dead-input handling, act-order permutation and the damped inverse factor of ``h`` (K, K).
+
+  Memory: besides ``h`` and the factor returned, the compiled program's
+  temporaries are about 2.25 K x K float32 matrices on XLA CPU and 1.2 on
+  TPU v5e at K = 2048 (`experiments/scale_gptq.py --tpu-aot`).
+  """
+  if not isinstance(damp_tries, (int, np.integer)) or damp_tries < 1:
+    raise ValueError(f"gptq.factor_hessian: damp_tries={damp_tries!r}; allowed: an int >= 1.")
   h0 = h.astype(jnp.float32)
   k = h0.shape[0]
   # Dead inputs (never active in calibration): H[i, i] = 1 and the row zeroed,
   # as in the paper's reference; they then neither get nor give updates.
-  dead = jnp.diagonal(h0) == 0
-  hf = h0 + jnp.diag(dead.astype(jnp.float32))
+  diag = jnp.diagonal(h0)
+  dead = diag == 0
+  diag = jnp.where(dead, 1.0, diag)
   if act_order:  # largest diag(H) first; ties keep their order
-    perm = jnp.argsort(-jnp.diagonal(hf), stable=True).astype(jnp.int32)
+    perm = jnp.argsort(-diag, stable=True).astype(jnp.int32)
   else:
     perm = jnp.arange(k, dtype=jnp.int32)
-  u, ok, d_used = _damped_factor(hf[perm][:, perm], damp, damp_tries, damp_growth)
+  # The factor is taken of the permuted Hessian in reverse processing order (J H_perm J), gathered once.
+  rev = perm[::-1]
+  a = jnp.take(jnp.take(h0, rev, axis=0), rev, axis=1)
+  a = a.at[jnp.arange(k), jnp.arange(k)].add(dead[rev].astype(jnp.float32))
+  lower, ok, d_used = _damped_cholesky(a, jnp.mean(diag), damp, damp_tries, damp_growth)
+  u = _upper_factor_of_inverse(lower)  # NaN when every dampening failed
+  ok = ok & jnp.all(jnp.isfinite(jnp.diagonal(u)))
   return Factor(u, perm, dead, ok, d_used)
 
 
@@ -408,7 +432,9 @@ def _solve_jit(w, h, fac: Factor, importance=None, *, spec, block_size, act_orde
   u, perm, dead = fac.u, fac.perm, fac.dead
   wf = jnp.where(dead[:, None], 0.0, w0)
   pad = lay.k_pad - k
-  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(lay.k_pad) >= k).astype(jnp.float32)
+  if pad:  # identity on the padding (no K x K temporary when the blocks divide K)
+    tail = jnp.arange(k, lay.k_pad)
+    u = jnp.pad(u, ((0, pad), (0, pad))).at[tail, tail].set(1.0)
   wp = jnp.pad(wf[perm], ((0, pad), (0, 0)))
 
   sym = spec.symmetric
@@ -514,6 +540,10 @@ def solve_codes(w, hessian, spec: QuantSpec, *, block_size: int = 128, damp: flo
       ``w`` as a NaN ``loss``.
   """
   w, h = _check_args(w, hessian, spec, block_size, damp, damp_tries, damp_growth, fn=_fn)
+  if spec.two_level and not static_groups:
+    raise ValueError(f"{_fn}: static_groups=False with a two-level spec (scale_bits={spec.scale_bits}, GGUF "
+                     "k-quant super-groups); allowed: static_groups=True, since a super-group's scale depends on "
+                     "all its groups, which GPTQ would otherwise fix one at a time as the sweep reaches them.")
   if importance is not None:
     importance = jnp.asarray(importance, jnp.float32)
     if importance.shape != (h.shape[0],):

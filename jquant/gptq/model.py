@@ -546,6 +546,13 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
   if unknown:
     raise ValueError(f"quantize_model: importance names {unknown[:4]}, not parameters of the model; allowed: "
                      f"weight paths such as {sorted(flat)[:3]}.")
+  if not solver_options.get("static_groups", False):
+    two_level = [p for p in sorted(flat) if isinstance(first_match(rules, p)[1], QuantSpec)
+                 and first_match(rules, p)[1].two_level]
+    if two_level:
+      raise ValueError(f"quantize_model: static_groups=False, but the rules give {two_level[:3]} two-level specs "
+                       "(GGUF k-quant super-groups); allowed: static_groups=True, since a super-group's scale "
+                       "depends on all its groups, which GPTQ would otherwise fix one at a time.")
   new_flat = dict(flat)
   deq_flat = dict(flat)  # new_flat with its QArrays dequantized
   states = runs.prefix(flat, [put_data(b) for b in batches])
@@ -567,15 +574,19 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
       reps = tuple(g[0] for g in groups)
       sums = {r: (core.hessian_init(_k_size(rel_float[r], targets[r][2])), jnp.zeros((), jnp.int32))
               for r in reps}
-      for stage in ([[k] for k in range(len(groups))] if true_sequential else [list(range(len(groups)))]):
+      stages = [[k] for k in range(len(groups))] if true_sequential else [list(range(len(groups)))]
+      for n_stage, stage in enumerate(stages):
         active = {r: jnp.asarray(k in stage) for k, r in enumerate(reps)}
         sums = runs.record(i, deq_flat, states, _hessian_reduce(skip_positions, token_norm_cap), sums, row_ws,
                            pos_w, active)
+        hessians = {k: core.hessian_finalize(sums[reps[k]][0]) for k in stage}
+        if tokens is None:
+          tokens = int(sums[reps[stage[0]]][1])
+        if n_stage + 1 == len(stages):
+          sums = None  # the running sums are done with: the last stage (the widest input, down) solves without them
         for k in stage:
           g, r = groups[k], reps[k]
-          hess = core.hessian_finalize(sums[r][0])
-          if tokens is None:
-            tokens = int(sums[r][1])
+          hess = hessians.pop(k)
           _check_finite_hessian(hess, [targets[p][0] for p in g])
           # One factorization per Hessian, shared by all its weights.
           fac = core.factor_hessian(hess, jnp.float32(opts["damp"]), act_order=bool(opts["act_order"]),
@@ -593,6 +604,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
               for p in part:
                 full = targets[p][0]
                 deq_flat[full] = _dequantized_like(new_flat[full], flat[full])
+          del hess, fac  # freed before the next group's Hessian is factored
       ratio = sum(l.loss for l in reports) / max(sum(l.rtn_loss for l in reports), 1e-30)
       bar.set_postfix_str(f"loss/rtn {ratio:.3f}")
     if i + 1 < len(segs):
