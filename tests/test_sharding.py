@@ -162,7 +162,7 @@ def gptq_single(toy1):
   return gptq.quantize_model(m, m.params, calib, GPTQ_RULES, **GPTQ_OPTS)
 
 
-@pytest.mark.parametrize("shape", [(2, 4)])
+@pytest.mark.parametrize("shape", MESHES)
 def test_gptq_on_sharded_params_equals_single_device(toy1, gptq_single, shape):
   """Codes bit for bit; scales to float rounding (the Hessian's sums reduce across devices in another order).
   No mesh argument: the pass takes the params' own mesh."""
@@ -179,13 +179,22 @@ def test_gptq_on_sharded_params_equals_single_device(toy1, gptq_single, shape):
 
 
 # ----------------------------------------------------------------------------- AWQ, W8A8 convert
-def test_awq_on_sharded_params(toy1):
+AWQ_KW = dict(n_grid=2, clip=False, progress=False, blocks=r"layers_\d+")
+AWQ_RULES = [jquant.Rule(r"layers_\d+/mlp/(gate|up)/kernel$", SPEC)]  # one group (gate|up, folded into mlp_norm)
+
+
+@pytest.fixture(scope="module")
+def awq_single(toy1):
+  m, calib = toy1
+  return jquant.awq.scale_model(m, m.params, calib, AWQ_RULES, **AWQ_KW)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_awq_on_sharded_params(toy1, awq_single, shape):
   """AWQ scales equal the single-device ones to float rounding; the scaled params keep their shardings."""
   m, calib = toy1
-  kw = dict(n_grid=2, clip=False, progress=False, blocks=r"layers_\d+")
-  rules = [jquant.Rule(r"layers_\d+/mlp/(gate|up)/kernel$", SPEC)]  # one group (gate|up, folded into mlp_norm)
-  ref = jquant.awq.scale_model(m, m.params, calib, rules, **kw)
-  sp = sharding.shard_params(m.params, _mesh((4, 2)))
+  kw, rules, ref = AWQ_KW, AWQ_RULES, awq_single
+  sp = sharding.shard_params(m.params, _mesh(shape))
   got = jquant.awq.scale_model(m, sp, calib, rules, **kw)
   assert ref.scales.keys() == got.scales.keys() and ref.scales
   for k in ref.scales:
