@@ -35,8 +35,14 @@ tpu-aot`; no TPU needed) and writes their per-chip memory in units of K x K
 matrices to ``experiments/results/scale_gptq_tpu.md`` and ``.json``: the
 coefficients of the 70B estimate in the README.
 
+``--shape dim=128,ffn_dim=256,...`` overrides the block shapes for a quick
+check of the script; its results go to ``scale_gptq_check.{md,json}``, so the
+1B results are not overwritten. ``--no-aot`` skips the compile-only
+accounting of the 1B model's sweeps.
+
 Usage:
-    python experiments/scale_gptq.py [--layers 20] [--mesh 4x2] [--windows 8] [--seq 64]
+    python experiments/scale_gptq.py [--layers 20] [--mesh 4x2] [--windows 8] [--seq 64] [--no-aot]
+    python experiments/scale_gptq.py --layers 2 --no-aot --shape dim=128,ffn_dim=256,n_heads=4,n_kv_heads=2,vocab_size=512,head_dim=32
     python experiments/scale_gptq.py --tpu-aot v5e:2x4
 """
 
@@ -166,7 +172,7 @@ def instrument():
     return _analysed("hessian step" if reduce is not None else "block forward", f)
 
   graph.Program.jitted = jitted_analysed
-  gptq_core.factor_hessian = _analysed("factor (Cholesky + triangular inverse)", gptq_core.factor_hessian)
+  gptq_core._factor_jit = _analysed("factor (Cholesky + triangular inverse)", gptq_core._factor_jit)
   solve = gptq_core._solve_jit
   gptq_core._solve_jit = _analysed("gptq sweep (shard_map over columns)", solve)
   forward = gptq_model._Runs.forward
@@ -252,7 +258,7 @@ def tpu_aot(topology: str, factor_sizes=(2048, 4096), sweep_shapes=((2048, 8192)
   out = {"topology": topology, "chips": n, "factor": [], "sweep": []}
   for k in factor_sizes:
     t0 = time.perf_counter()
-    ma = gptq_core.factor_hessian.lower(sds((k, k), np.float32, sharding=rep), sds((), np.float32, sharding=rep),
+    ma = gptq_core._factor_jit.lower(sds((k, k), np.float32, sharding=rep), sds((), np.float32, sharding=rep),
                                         act_order=True).compile().memory_analysis()
     row = {"k": k, "compile_s": time.perf_counter() - t0, **{f: int(getattr(ma, f)) for f in fields}}
     out["factor"].append(row)
@@ -354,7 +360,8 @@ def main():
   ratio = sweep(config(1, FULL_SHAPE)) / sweep(cfg)
   rows["sweep_work_ratio_full_over_ran"] = ratio
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "scale_gptq.json"), "w") as fh:
+  stem = "scale_gptq_check" if args.shape else "scale_gptq"  # a quick --shape check keeps the 1B results
+  with open(os.path.join(RESULTS, stem + ".json"), "w") as fh:
     json.dump(rows, fh, indent=1, default=str)
   mb = lambda b: f"{b / 2**20:,.0f} MiB"
   lines = [
@@ -384,8 +391,9 @@ def main():
     lines.append(f"| {i}{' (compiles)' if i == 0 else ''} | {t:.1f} | {s:.1f} |")
   whole = cfg.n_layers == FULL_LAYERS and SHAPE == FULL_SHAPE
   if whole:
-    timing = (f"The whole model ran: {cfg.n_layers} blocks in {(end - start) / 60:.1f} min, {per_block:.0f} s per "
-              f"block after the first (median {float(np.median(steady)):.0f} s). ")
+    timing = (f"The whole model ran: {cfg.n_layers} blocks in {(end - start) / 60:.1f} min; after block 0, "
+              f"{min(steady):.0f}-{max(steady):.0f} s per block (mean {per_block:.0f} s, median "
+              f"{float(np.median(steady)):.0f} s). ")
   else:
     timing = (f"Steady time per block {per_block:.1f} s (a 1B block does {ratio:.0f}x this model's sweep work "
               "sum_g K_g^2 N_g). ")
@@ -404,9 +412,9 @@ def main():
               "|---|---:|---:|---:|"]
     for k, v in aot["solves"].items():
       lines.append(f"| {k} ({v['k']} x {v['n']}) | {mb(v['temp'])} | {mb(v['args'])} | {mb(v['outputs'])} |")
-    with open(os.path.join(RESULTS, "scale_gptq.json"), "w") as fh:
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as fh:
       json.dump(rows, fh, indent=1, default=str)
-  open(os.path.join(RESULTS, "scale_gptq.md"), "w").write("\n".join(lines) + "\n")
+  open(os.path.join(RESULTS, stem + ".md"), "w").write("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

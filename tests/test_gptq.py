@@ -227,7 +227,7 @@ def test_factor_and_sweep_keep_few_k_by_k_temporaries(cpu_mesh):
   k, n = 1024, 256
   sds = jax.ShapeDtypeStruct
   h = sds((k, k), np.float32)
-  factor = gptq.factor_hessian.lower(h, sds((), np.float32), act_order=True).compile()
+  factor = core._factor_jit.lower(h, sds((), np.float32), act_order=True).compile()
   assert _k2_units(factor, k) <= 2.5
   fac = jax.eval_shape(lambda h: gptq.factor_hessian(h, np.float32(0.01), act_order=True), h)
   spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128)
@@ -236,9 +236,20 @@ def test_factor_and_sweep_keep_few_k_by_k_temporaries(cpu_mesh):
   assert _k2_units(sweep, k) <= 0.5
 
 
-def test_factor_hessian_rejects_bad_damp_tries():
-  with pytest.raises(ValueError, match=r"damp_tries=0; allowed: an int >= 1"):
-    gptq.factor_hessian(jnp.eye(4), jnp.float32(0.01), damp_tries=0)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(damp_tries=0), r"damp_tries=0; allowed: an int >= 1"),
+    (dict(damp_tries=2.5), r"damp_tries=2.5; allowed: an int >= 1"),
+    (dict(damp=-0.1), r"damp=-0.1; allowed: a finite float >= 0"),
+    (dict(damp=float("nan")), r"damp=nan; allowed: a finite float >= 0"),
+    (dict(damp_growth=1.0), r"damp_growth=1.0; allowed: a float > 1"),
+    (dict(damp_growth=-1.0), r"damp_growth=-1.0; allowed: a float > 1")])
+def test_factor_hessian_rejects_bad_dampening(kwargs, match):
+  # The direct entry point checks what `solve` checks (values from a new user's report).
+  kw = dict(dict(damp=0.01), **kwargs)
+  with pytest.raises(ValueError, match=r"gptq.factor_hessian: " + match):
+    gptq.factor_hessian(jnp.eye(4), kw.pop("damp"), **kw)
+  fac = gptq.factor_hessian(jnp.eye(4), 0.01)
+  assert bool(fac.ok) and float(fac.damp) == pytest.approx(0.01)
 
 
 def test_hessian_helpers_match_numpy():

@@ -388,16 +388,48 @@ class Factor(NamedTuple):
   damp: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("act_order", "damp_tries", "damp_growth"))
 def factor_hessian(h, damp, *, act_order: bool = False, damp_tries: int = 4, damp_growth: float = 10.0) -> Factor:
   """Dead-input handling, act-order permutation and the damped inverse factor of ``h`` (K, K).
+
+  Args:
+    h: (K, K) Hessian (float32; e.g. `hessian` or `hessian_finalize`).
+    damp: Relative dampening: ``damp * mean(diag(h))`` is added to the
+      diagonal (float >= 0; 0.01 in the paper).
+    act_order: Process rows by descending ``diag(h)`` (``perm``); else in order.
+    damp_tries: Attempts in all (int >= 1): when a Cholesky factorization
+      fails (H not positive definite), the dampening grows by
+      ``damp_growth`` (float > 1) and it is tried again.
+
+  Returns:
+    A `Factor`. If every attempt failed, ``ok`` is False, ``damp`` is the
+    last dampening tried and ``u`` is not finite (`solve` raises then).
+
+  Raises:
+    ValueError: ``damp`` (when concrete) negative or not finite,
+      ``damp_tries`` < 1 or ``damp_growth`` <= 1, naming the argument.
 
   Memory: besides ``h`` and the factor returned, the compiled program's
   temporaries are about 2.25 K x K float32 matrices on XLA CPU and 1.2 on
   TPU v5e at K = 2048 (`experiments/scale_gptq.py --tpu-aot`).
+
+  Example:
+    >>> fac = jquant.gptq.factor_hessian(jnp.eye(4), 0.01)
+    >>> bool(fac.ok), fac.u.shape
+    (True, (4, 4))
   """
-  if not isinstance(damp_tries, (int, np.integer)) or damp_tries < 1:
+  if not isinstance(damp, jax.core.Tracer) and not (np.isfinite(float(damp)) and float(damp) >= 0):
+    raise ValueError(f"gptq.factor_hessian: damp={damp!r}; allowed: a finite float >= 0 (a fraction of "
+                     "mean(diag(H))).")
+  if isinstance(damp_tries, bool) or not isinstance(damp_tries, (int, np.integer)) or damp_tries < 1:
     raise ValueError(f"gptq.factor_hessian: damp_tries={damp_tries!r}; allowed: an int >= 1.")
+  if not float(damp_growth) > 1:
+    raise ValueError(f"gptq.factor_hessian: damp_growth={damp_growth!r}; allowed: a float > 1.")
+  return _factor_jit(h, jnp.float32(damp), act_order=bool(act_order), damp_tries=int(damp_tries),
+                     damp_growth=float(damp_growth))
+
+
+@functools.partial(jax.jit, static_argnames=("act_order", "damp_tries", "damp_growth"))
+def _factor_jit(h, damp, *, act_order: bool = False, damp_tries: int = 4, damp_growth: float = 10.0) -> Factor:
   h0 = h.astype(jnp.float32)
   k = h0.shape[0]
   # Dead inputs (never active in calibration): H[i, i] = 1 and the row zeroed,

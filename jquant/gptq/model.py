@@ -550,9 +550,10 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
     two_level = [p for p in sorted(flat) if isinstance(first_match(rules, p)[1], QuantSpec)
                  and first_match(rules, p)[1].two_level]
     if two_level:
-      raise ValueError(f"quantize_model: static_groups=False, but the rules give {two_level[:3]} two-level specs "
-                       "(GGUF k-quant super-groups); allowed: static_groups=True, since a super-group's scale "
-                       "depends on all its groups, which GPTQ would otherwise fix one at a time.")
+      more = f" and {len(two_level) - 3} more" if len(two_level) > 3 else ""
+      raise ValueError(f"quantize_model: static_groups=False, but the rules give {two_level[:3]}{more} two-level "
+                       "specs (GGUF k-quant super-groups); pass static_groups=True: a super-group's scale depends "
+                       "on all its groups, which GPTQ would otherwise fix one at a time.")
   new_flat = dict(flat)
   deq_flat = dict(flat)  # new_flat with its QArrays dequantized
   states = runs.prefix(flat, [put_data(b) for b in batches])
