@@ -369,7 +369,7 @@ def main():
       f"Ran: a Llama with dim {cfg.dim}, {cfg.n_heads}/{cfg.n_kv_heads} heads, FFN {cfg.ffn_dim}, vocab "
       f"{cfg.vocab_size}, {args.layers} layers "
       f"({n_params(cfg) / 1e9:.2f}B parameters), {args.windows} windows x {args.seq} tokens, "
-      "act-order, true-sequential; 2 shared CPU cores (other jobs running), float32.", "",
+      f"act-order, true-sequential; {os.cpu_count()} CPU cores, float32.", "",
       "| quantity | per device |", "|---|---:|",
       f"| float parameters ({args.layers} layers) | {mb(mx(float_dev))} |",
       f"| float parameters of one block | {mb(per_block_float)} |",
