@@ -194,6 +194,19 @@ def _groups(cfg) -> dict:
           "down": (f, d)}
 
 
+def compiled_sweep(mesh, k: int, n: int, spec):
+  """Memory analysis of the GPTQ sweep (`_solve_jit`, act-order, output columns over every mesh device) of a
+  (k, n) kernel, compiled for ``mesh``'s devices from shapes only (nothing executed)."""
+  sds = jax.ShapeDtypeStruct
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, tuple(mesh.axis_names)))
+  h = sds((k, k), np.float32, sharding=rep)
+  fac = jax.eval_shape(lambda h: gptq_core.factor_hessian(h, np.float32(0.01), act_order=True), sds((k, k), np.float32))
+  fac = jax.tree_util.tree_map(lambda a: sds(a.shape, a.dtype, sharding=rep), fac)
+  return SOLVE_JIT.lower(sds((k, n), np.float32, sharding=cols), h, fac, spec=spec, block_size=128, act_order=True,
+                         static_groups=False, mesh=mesh, axis_names=tuple(mesh.axis_names)).compile().memory_analysis()
+
+
 def aot_full(mesh, layers: int = FULL_LAYERS) -> dict:
   """Per-device memory of the 1B model's GPTQ pass, without running it: parameter shards read from the
   shardings, Hessian sums and inverse factors of one block (replicated, float32), and the compiled memory
@@ -210,16 +223,9 @@ def aot_full(mesh, layers: int = FULL_LAYERS) -> dict:
   solves = _groups(cfg)
   spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128)
   out = {"params": n_params(cfg), "float_bytes_per_device": per_dev, "solves": {}}
-  sds = jax.ShapeDtypeStruct
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   for name, (k, n) in solves.items():
-    h = sds((k, k), np.float32, sharding=rep)
-    fac = jax.eval_shape(lambda h: gptq_core.factor_hessian(h, np.float32(0.1), act_order=True), h)
-    fac = jax.tree_util.tree_map(lambda a: sds(a.shape, a.dtype, sharding=rep), fac)
-    w = sds((k, n), np.float32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, tuple(mesh.axis_names))))
     t0 = time.perf_counter()
-    ma = SOLVE_JIT.lower(w, h, fac, spec=spec, block_size=128, act_order=True, static_groups=False,
-                                    mesh=mesh, axis_names=tuple(mesh.axis_names)).compile().memory_analysis()
+    ma = compiled_sweep(mesh, k, n, spec)
     out["solves"][name] = {"k": k, "n": n, "temp": int(ma.temp_size_in_bytes), "args": int(ma.argument_size_in_bytes),
                            "outputs": int(ma.output_size_in_bytes), "compile_s": time.perf_counter() - t0}
   # Held during a block: every group's Hessian sum (true-sequential keeps them all) and one inverse factor.
@@ -250,9 +256,7 @@ def tpu_aot(topology: str, factor_sizes=(2048, 4096), sweep_shapes=((2048, 8192)
   n = len(topo.devices)
   mesh = sharding.make_mesh(n, 1, devices=topo.devices)
   sds = jax.ShapeDtypeStruct
-  P = jax.sharding.PartitionSpec
-  rep = jax.sharding.NamedSharding(mesh, P())
-  cols = jax.sharding.NamedSharding(mesh, P(None, tuple(mesh.axis_names)))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = jquant.QuantSpec(bits=4, granularity="group", group_size=128)
   fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
   out = {"topology": topology, "chips": n, "factor": [], "sweep": []}
@@ -265,14 +269,8 @@ def tpu_aot(topology: str, factor_sizes=(2048, 4096), sweep_shapes=((2048, 8192)
     print(f"{topology} factor K={k}: temp {row['temp_size_in_bytes'] / (4 * k * k):.2f} K^2 ({row['compile_s']:.0f} s)",
           flush=True)
   for k, nn in sweep_shapes:
-    h = sds((k, k), np.float32, sharding=rep)
-    fac = jax.eval_shape(lambda h: gptq_core.factor_hessian(h, np.float32(0.01), act_order=True),
-                         sds((k, k), np.float32))
-    fac = jax.tree_util.tree_map(lambda a: sds(a.shape, a.dtype, sharding=rep), fac)
     t0 = time.perf_counter()
-    ma = SOLVE_JIT.lower(sds((k, nn), np.float32, sharding=cols), h, fac, spec=spec, block_size=128,
-                         act_order=True, static_groups=False, mesh=mesh,
-                         axis_names=tuple(mesh.axis_names)).compile().memory_analysis()
+    ma = compiled_sweep(mesh, k, nn, spec)
     row = {"k": k, "n": nn, "compile_s": time.perf_counter() - t0, **{f: int(getattr(ma, f)) for f in fields}}
     out["sweep"].append(row)
     print(f"{topology} sweep {k}x{nn}: temp {row['temp_size_in_bytes'] / (4 * k * k):.2f} K^2 "

@@ -547,8 +547,7 @@ def quantize_model(model, params, calib, rules: Sequence[Rule], *, blocks: Optio
     raise ValueError(f"quantize_model: importance names {unknown[:4]}, not parameters of the model; allowed: "
                      f"weight paths such as {sorted(flat)[:3]}.")
   if not solver_options.get("static_groups", False):
-    two_level = [p for p in sorted(flat) if isinstance(first_match(rules, p)[1], QuantSpec)
-                 and first_match(rules, p)[1].two_level]
+    two_level = [p for p in sorted(flat) if getattr(first_match(rules, p)[1], "two_level", False)]
     if two_level:
       more = f" and {len(two_level) - 3} more" if len(two_level) > 3 else ""
       raise ValueError(f"quantize_model: static_groups=False, but the rules give {two_level[:3]}{more} two-level "
